@@ -1,0 +1,412 @@
+"""Typed run configuration: YAML files with `_base_` inheritance, dotted overrides, validation.
+
+A config is a tree of dataclasses (`Config` with sections `run`, `data`, `teacher`, `student`,
+`loss`, `optim`, `sched`, `train`). Every field has a type, a default and a one-line doc
+(``python -m fastkd.config`` prints them all). YAML is read with ``yaml.safe_load`` only: a config
+file can never execute code.
+
+Loading order: the file's ``_base_`` files (paths relative to the file, merged in order, deeply),
+then the file itself, then ``dotted.key=value`` overrides whose values are parsed as YAML scalars or
+lists. The result is validated: an unknown key fails naming the key and the closest valid one, a
+value of the wrong type or out of range fails naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-fixable problem in a config file or override; the message names the culprit."""
+
+
+def _doc(text: str, **kwargs: Any) -> Any:
+    """A dataclass field whose one-line documentation lives in its metadata."""
+    return field(metadata={"doc": text}, **kwargs)
+
+
+@dataclass
+class RunConfig:
+    dir: str = _doc("folder for config.yaml, metrics.jsonl, checkpoints and summary.json", default="runs/default")
+    seed: int = _doc("seed of every random generator (data order, augmentation, init)", default=0)
+    deterministic: bool = _doc("deterministic kernels (slower); also fixes cuDNN algorithm choice", default=False)
+    resume: str = _doc("'' = fresh run; 'auto' = run.dir/last.pt when it exists; else a checkpoint path", default="")
+
+
+@dataclass
+class SyntheticConfig:
+    enabled: bool = _doc("generate a synthetic JPEG ImageFolder at data.root when it is missing", default=False)
+    num_classes: int = _doc("classes of the synthetic set", default=10)
+    train_per_class: int = _doc("training images per class", default=300)
+    val_per_class: int = _doc("validation images per class", default=60)
+    image_size: int = _doc("side of the generated JPEGs in pixels", default=72)
+    seed: int = _doc("seed of the generator (the set is a pure function of these fields)", default=0)
+
+
+@dataclass
+class DataConfig:
+    root: str = _doc("ImageFolder root holding train/<class>/*.JPEG and val/<class>/*.JPEG", default="")
+    backend: Literal["dali", "torch"] = _doc("'dali' (GPU or CPU pipeline) or 'torch' (torchvision DataLoader)", default="dali")
+    image_size: int = _doc("training crop and validation center-crop side in pixels", default=224)
+    val_resize: int = _doc("validation: resize the shorter side to this before the center crop", default=256)
+    batch_size: int = _doc("images per process per step (global batch = batch_size x world size)", default=32)
+    val_batch_size: int = _doc("validation batch per process; 0 = same as data.batch_size", default=0)
+    workers: int = _doc("DALI CPU threads or DataLoader worker processes per process", default=4)
+    on_bad_image: Literal["error", "skip"] = _doc("an undecodable image stops the run ('error') or is left out with a warning ('skip')", default="error")
+    mean: list[float] = _doc("per-channel mean on the 0-255 scale (RGB)", default_factory=lambda: [0.485 * 255, 0.456 * 255, 0.406 * 255])
+    std: list[float] = _doc("per-channel std on the 0-255 scale (RGB)", default_factory=lambda: [0.229 * 255, 0.224 * 255, 0.225 * 255])
+    prefetch: int = _doc("batches prepared ahead (DALI prefetch_queue_depth / DataLoader prefetch_factor)", default=2)
+    dali_device: Literal["auto", "gpu", "cpu"] = _doc("DALI decode on the GPU ('mixed') or the CPU; auto = GPU when CUDA is available", default="auto")
+    output_dtype: Literal["auto", "float32", "float16"] = _doc("dtype of the batches; auto = float16 on a GPU under AMP, else float32", default="auto")
+    hw_decoder_load: float = _doc("share of JPEGs sent to the A100/H100 hardware decoder (0-1)", default=0.65)
+    dali_preallocate: bool = _doc("preallocate DALI decoder memory for ImageNet-sized images (no growth stalls)", default=True)
+    synthetic: SyntheticConfig = _doc("the generated quickstart data set", default_factory=SyntheticConfig)
+
+
+@dataclass
+class TeacherConfig:
+    arch: str = _doc("torchvision classification architecture name, e.g. resnet34", default="resnet34")
+    weights: str = _doc("state-dict or fastkd checkpoint path, 'torchvision:WEIGHTS_NAME', or 'random' (tests only)", default="torchvision:IMAGENET1K_V1")
+    fold_bn: bool = _doc("fold the teacher's BatchNorm into its convolutions (inference-only speedup)", default=True)
+
+
+@dataclass
+class StudentConfig:
+    arch: str = _doc("torchvision classification architecture name, e.g. resnet18", default="resnet18")
+    weights: str = _doc("'' = random init (the usual), or a state-dict / checkpoint / 'torchvision:NAME' to start from", default="")
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["wsld", "kd", "ce"] = _doc("'wsld' (distill), 'kd' (Hinton KD), 'ce' (hard labels only: teachers, baselines)", default="wsld")
+    tau: float = _doc("distillation temperature", default=2.0)
+    loss_weight: float = _doc("weight of the distillation term (WSLD's alpha)", default=2.5)
+    ce_weight: float = _doc("weight of the student's hard-label cross-entropy", default=1.0)
+    impl: Literal["auto", "fused", "reference"] = _doc("WSLD implementation: fused C++/CUDA op, plain PyTorch, or fused when built", default="auto")
+    label_smoothing: float = _doc("label smoothing of the hard-label CE for loss.kind=ce", default=0.0)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _doc("base learning rate (for the global batch; not rescaled automatically)", default=0.1)
+    momentum: float = _doc("SGD momentum", default=0.9)
+    weight_decay: float = _doc("L2 weight decay", default=1e-4)
+    nesterov: bool = _doc("Nesterov momentum", default=False)
+    norm_weight_decay: bool = _doc("apply weight decay to normalization weights and biases too", default=True)
+    fused: Literal["auto", "torch", "apex", "off"] = _doc("fused SGD step: torch's where supported (auto), apex FusedSGD, or off", default="auto")
+
+
+@dataclass
+class SchedConfig:
+    kind: Literal["step", "cosine", "constant"] = _doc("learning-rate schedule, updated every step", default="step")
+    milestones: list[int] = _doc("step schedule: epochs at which lr is multiplied by gamma", default_factory=lambda: [30, 60, 90])
+    gamma: float = _doc("step schedule: decay factor", default=0.1)
+    min_lr: float = _doc("cosine schedule: final learning rate", default=0.0)
+    warmup_epochs: float = _doc("linear warmup length in epochs (fractions allowed); 0 = none", default=0.0)
+    warmup_start_factor: float = _doc("warmup starts at lr x this factor", default=0.1)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _doc("training epochs", default=100)
+    device: Literal["auto", "cuda", "cpu"] = _doc("auto = CUDA when available", default="auto")
+    amp: Literal["auto", "bf16", "fp16", "off"] = _doc("autocast: auto = bf16 where supported (CPU included), else fp16 with GradScaler", default="auto")
+    channels_last: bool = _doc("channels_last memory format for models and batches", default=True)
+    compile: bool = _doc("torch.compile the student step and the teacher", default=True)
+    compile_mode: Literal["default", "max-autotune", "reduce-overhead", "max-autotune-no-cudagraphs"] = _doc("torch.compile mode", default="default")
+    log_every: int = _doc("steps between progress lines and step records in metrics.jsonl", default=50)
+    eval_every: int = _doc("epochs between evaluations (the last epoch is always evaluated)", default=1)
+    max_steps_per_epoch: int = _doc("cap on steps per epoch; 0 = the full epoch (smoke tests, benchmarks)", default=0)
+    sync_bn: bool = _doc("SyncBatchNorm for the student under DDP", default=False)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading YAML
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (check the path given to --config or _base_)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``override`` into a copy of ``base``: mappings merge key by key, anything else is replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_yaml_tree(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read ``path`` and its ``_base_`` files (relative to it) into one merged mapping."""
+    path = Path(path).resolve()
+    if path in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path))
+        raise ConfigError(f"_base_ inheritance cycle: {cycle}")
+    data = _read_yaml(path)
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: _base_ must be a path or a list of paths, got {bases!r}")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = deep_merge(merged, load_yaml_tree(path.parent / base, (*_chain, path)))
+    return deep_merge(merged, data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its key path and its value parsed as a YAML scalar or list."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form dotted.key=value (e.g. optim.lr=0.2)")
+    if raw.strip() == "":
+        value: Any = ""
+    else:
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw  # an unparseable value is taken as a plain string; validation judges it
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise ConfigError(f"override {text!r}: empty component in key {key!r}")
+    return parts, value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides to a raw mapping (validation happens afterwards)."""
+    tree = dict(tree)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = tree
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(parts[: depth + 1])} is not a section")
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation into dataclasses
+# ---------------------------------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotated type ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            extra = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(c) for c in choices)}{extra}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported annotation on {key}: {tp}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. a numeric run.dir suffix
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported annotation on {key}: {tp}")
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], valid, n=1, cutoff=0.5)
+    parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    hint = f"; did you mean '{parent}{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{where}{hint} (valid here: {', '.join(valid)})")
+
+
+def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {raw!r}")
+    types_by_name = _field_types(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in types_by_name:
+            raise _unknown_key(dotted, list(types_by_name), where)
+        tp = types_by_name[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, dotted, where)
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Cross-field and range checks that types alone cannot express."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    d, s = cfg.data, cfg.data.synthetic
+    need(d.image_size >= 8, f"data.image_size must be >= 8, got {d.image_size}")
+    need(d.val_resize >= d.image_size, f"data.val_resize ({d.val_resize}) must be >= data.image_size ({d.image_size})")
+    need(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
+    need(d.val_batch_size >= 0, f"data.val_batch_size must be >= 0, got {d.val_batch_size}")
+    need(d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
+    need(d.prefetch >= 1, f"data.prefetch must be >= 1, got {d.prefetch}")
+    need(len(d.mean) == 3 and len(d.std) == 3, "data.mean and data.std need 3 values (R, G, B)")
+    need(all(v > 0 for v in d.std), f"data.std must be positive, got {d.std}")
+    need(0.0 <= d.hw_decoder_load <= 1.0, f"data.hw_decoder_load must be in [0, 1], got {d.hw_decoder_load}")
+    need(s.num_classes >= 2, f"data.synthetic.num_classes must be >= 2, got {s.num_classes}")
+    need(s.train_per_class >= 1 and s.val_per_class >= 1, "data.synthetic.train_per_class and val_per_class must be >= 1")
+    need(s.image_size >= 16, f"data.synthetic.image_size must be >= 16, got {s.image_size}")
+    need(bool(d.root), "data.root is empty: set it to an ImageFolder root (e.g. data.root=/data/imagenet)")
+    need(cfg.loss.tau > 0, f"loss.tau must be > 0, got {cfg.loss.tau}")
+    need(cfg.loss.loss_weight >= 0 and cfg.loss.ce_weight >= 0, "loss.loss_weight and loss.ce_weight must be >= 0")
+    need(0.0 <= cfg.loss.label_smoothing < 1.0, f"loss.label_smoothing must be in [0, 1), got {cfg.loss.label_smoothing}")
+    need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
+    need(cfg.optim.momentum >= 0 and cfg.optim.weight_decay >= 0, "optim.momentum and optim.weight_decay must be >= 0")
+    need(not (cfg.optim.nesterov and cfg.optim.momentum == 0), "optim.nesterov needs optim.momentum > 0")
+    need(cfg.sched.warmup_epochs >= 0, f"sched.warmup_epochs must be >= 0, got {cfg.sched.warmup_epochs}")
+    need(0 < cfg.sched.warmup_start_factor <= 1, "sched.warmup_start_factor must be in (0, 1]")
+    need(all(m >= 0 for m in cfg.sched.milestones), "sched.milestones must be >= 0")
+    need(cfg.sched.milestones == sorted(cfg.sched.milestones), f"sched.milestones must be increasing, got {cfg.sched.milestones}")
+    need(cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}")
+    need(cfg.train.log_every >= 1, f"train.log_every must be >= 1, got {cfg.train.log_every}")
+    need(cfg.train.eval_every >= 1, f"train.eval_every must be >= 1, got {cfg.train.eval_every}")
+    need(cfg.train.max_steps_per_epoch >= 0, "train.max_steps_per_epoch must be >= 0")
+    need(bool(cfg.run.dir), "run.dir is empty: name the folder the run writes to")
+
+
+def from_dict(tree: dict[str, Any], where: str = "") -> Config:
+    """Validate a raw mapping into a `Config` (raises `ConfigError` naming the bad key)."""
+    cfg = _build(Config, tree, "", where)
+    _check_ranges(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load ``path`` (with its ``_base_`` chain), apply dotted ``overrides`` and validate."""
+    tree = apply_overrides(load_yaml_tree(path), list(overrides or []))
+    return from_dict(tree, where=f" in {path} or its overrides")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain Python data (what config.yaml holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the fully resolved config as YAML; loading it back gives an equal `Config`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, doc) for every leaf field, for ``python -m fastkd.config``."""
+    rows: list[tuple[str, str, str, str]] = []
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, key + ".")
+        else:
+            rows.append((key, _type_name(tp), repr(getattr(defaults, f.name)), f.metadata.get("doc", "")))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print every config key with its type, default and documentation."""
+    del argv
+    rows = describe()
+    width = max(len(r[0]) for r in rows)
+    for key, tp, default, doc in rows:
+        print(f"{key.ljust(width)}  {doc}\n{'':{width}}  type: {tp}; default: {default}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

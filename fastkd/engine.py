@@ -1,0 +1,411 @@
+"""The training step, evaluation, and their precision / optimizer / schedule / compile wiring.
+
+The hot loop (`train_one_epoch`) never synchronizes with the device except at logging
+intervals: loss terms and accuracy accumulate in device tensors and are read once per interval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastkd.config import ConfigError, LossConfig, OptimConfig, SchedConfig, TrainConfig
+from fastkd.distributed import DistInfo, all_reduce_sum
+from fastkd.logging import MetricsWriter, format_duration
+
+log = logging.getLogger("fastkd")
+
+Objective = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+# ---------------------------------------------------------------------------------------------
+# Precision
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Autocast dtype (None = fp32) and whether fp16 loss scaling is needed."""
+
+    name: str
+    dtype: torch.dtype | None
+    use_scaler: bool
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.dtype)
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls/convolutions natively (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(amp: str, device: torch.device) -> Precision:
+    """Map ``train.amp`` to a precision: auto = bf16 where the device supports it, else fp16 (GPU) / fp32 (CPU)."""
+    if amp == "off":
+        return Precision("fp32", None, False)
+    if device.type == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if amp == "bf16" and not bf16_ok:
+            raise ConfigError(f"train.amp=bf16 but {torch.cuda.get_device_name(device)} has no bf16; use train.amp=fp16 or auto")
+        if amp == "bf16" or (amp == "auto" and bf16_ok):
+            return Precision("bf16", torch.bfloat16, False)
+        return Precision("fp16", torch.float16, True)
+    if amp == "fp16":
+        # CPU fp16 autocast exists but is slow and has no GradScaler benefit; refuse clearly.
+        raise ConfigError("train.amp=fp16 is for GPUs; on the CPU use train.amp=bf16, auto or off")
+    if amp == "bf16" or (amp == "auto" and cpu_supports_bf16()):
+        return Precision("bf16", torch.bfloat16, False)
+    return Precision("fp32", None, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def _param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """All trainable parameters; without norm_weight_decay, 1-D ones (norm weights, biases) get none."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.norm_weight_decay:
+        return [{"params": params, "weight_decay": cfg.weight_decay}]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _import_apex_fused_sgd() -> type | None:
+    try:
+        from apex.optimizers import FusedSGD  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return FusedSGD
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
+    """SGD per ``optim.*``; the fused implementation per ``optim.fused``. Returns (optimizer, description)."""
+    groups = _param_groups(model, cfg)
+    common = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    if cfg.fused == "apex":
+        fused_sgd = _import_apex_fused_sgd()
+        if fused_sgd is None:
+            raise ConfigError("optim.fused=apex but apex is not importable; install NVIDIA apex or use optim.fused=auto")
+        if device.type != "cuda":
+            raise ConfigError("optim.fused=apex needs a CUDA device; use optim.fused=auto on the CPU")
+        return fused_sgd(groups, **common), "apex FusedSGD"
+    if cfg.fused in ("auto", "torch"):
+        try:
+            return torch.optim.SGD(groups, fused=True, **common), f"torch SGD (fused, {device.type})"
+        except (RuntimeError, TypeError) as exc:
+            if cfg.fused == "torch":
+                raise ConfigError(f"optim.fused=torch: torch's fused SGD is unavailable here ({exc})") from None
+    return torch.optim.SGD(groups, foreach=device.type == "cuda", **common), "torch SGD (unfused)"
+
+
+def lr_factor(step: int, *, cfg: SchedConfig, base_lr: float, epochs: int, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier after ``step`` optimizer steps (schedules are evaluated per step)."""
+    t = step / max(1, steps_per_epoch)  # progress in (fractional) epochs
+    warm = 1.0
+    if cfg.warmup_epochs > 0 and t < cfg.warmup_epochs:
+        warm = cfg.warmup_start_factor + (1.0 - cfg.warmup_start_factor) * t / cfg.warmup_epochs
+    if cfg.kind == "step":
+        base = cfg.gamma ** sum(1 for m in cfg.milestones if t >= m)
+    elif cfg.kind == "cosine":
+        span = max(1e-12, epochs - cfg.warmup_epochs)
+        progress = min(1.0, max(0.0, (t - cfg.warmup_epochs) / span))
+        floor = cfg.min_lr / base_lr
+        base = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        base = 1.0
+    return base * warm
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: SchedConfig, *, base_lr: float, epochs: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step LambdaLR implementing `lr_factor`."""
+
+    def factor(step: int) -> float:
+        return lr_factor(step, cfg=cfg, base_lr=base_lr, epochs=epochs, steps_per_epoch=steps_per_epoch)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Objective
+# ---------------------------------------------------------------------------------------------
+
+
+def build_objective(cfg: LossConfig) -> Objective:
+    """``objective(student_logits, teacher_logits, labels) -> (total, terms)`` for ``loss.kind``.
+
+    ``total`` carries the gradient; ``terms`` are detached 0-dim tensors for logging (``loss``
+    and ``ce`` always, plus ``kd`` or ``wsld`` and ``wsld_weight`` for distillation).
+    """
+    from fastkd.losses import kd_loss, wsld_ce_loss
+
+    if cfg.kind == "ce":
+
+        def ce_objective(student_logits, teacher_logits, labels):
+            total = F.cross_entropy(student_logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            return total, {"loss": total.detach(), "ce": total.detach()}
+
+        return ce_objective
+
+    if cfg.kind == "kd":
+
+        def kd_objective(student_logits, teacher_logits, labels):
+            ce = F.cross_entropy(student_logits.float(), labels)
+            kd = kd_loss(student_logits, teacher_logits, tau=cfg.tau, loss_weight=cfg.loss_weight)
+            total = cfg.ce_weight * ce + kd
+            return total, {"loss": total.detach(), "ce": ce.detach(), "kd": kd.detach()}
+
+        return kd_objective
+
+    def wsld_objective(student_logits, teacher_logits, labels):
+        terms = wsld_ce_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            tau=cfg.tau,
+            loss_weight=cfg.loss_weight,
+            ce_weight=cfg.ce_weight,
+            impl=cfg.impl,
+        )
+        logged = {"loss": terms.total.detach(), "ce": terms.ce, "wsld": terms.wsld, "wsld_weight": terms.weight_mean}
+        return terms.total, logged
+
+    return wsld_objective
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs and peak
+# ---------------------------------------------------------------------------------------------
+
+
+def count_step_flops(student: nn.Module, teacher: nn.Module | None, image_size: int, device: torch.device) -> float:
+    """FLOPs of one training step per image: teacher forward + student forward and backward.
+
+    Counted with ``torch.utils.flop_counter`` on a 2-image batch of the uncompiled models, in
+    fp32, on ``device``; parameters' gradients are cleared afterwards.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    images = torch.randn(2, 3, image_size, image_size, device=device)
+    was_training = student.training
+    counter = FlopCounterMode(display=False)
+    with counter:
+        if teacher is not None:
+            with torch.no_grad():
+                teacher(images)
+        student.train()
+        student(images).float().sum().backward()
+    student.zero_grad(set_to_none=True)
+    student.train(was_training)
+    return counter.get_total_flops() / 2
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """Measured FLOP/s of a large matmul on a CUDA device (the MFU denominator); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    start, iters = time.perf_counter(), 10
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n**3 * iters / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Everything a training epoch needs; built once by `fastkd.train`."""
+
+    student: nn.Module  # what the step calls: possibly DDP-wrapped and compiled
+    teacher: nn.Module | None  # inference-only, possibly compiled; None for loss.kind=ce
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    precision: Precision
+    device: torch.device
+    dist: DistInfo
+    metrics: MetricsWriter
+    cfg: TrainConfig
+    flops_per_image: float | None = None
+    peak_flops: float | None = None
+    global_step: int = 0
+    data_bound_warned: bool = False
+    compile_time_s: float | None = None
+    optimizer_name: str = ""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One optimizer step: teacher forward (no graph), student forward, loss, backward, update.
+
+    Returns the detached loss terms and the student's logits; nothing here waits for the device.
+    """
+    device = state.device
+    with state.precision.autocast(device):
+        teacher_logits = None
+        if state.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = state.teacher(images)
+        student_logits = state.student(images)
+        total, terms = state.objective(student_logits, teacher_logits, labels)
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(total).backward()
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.scheduler.step()
+    return terms, student_logits
+
+
+def train_one_epoch(state: TrainState, loader: Iterable, epoch: int, epochs: int, steps: int) -> dict[str, float]:
+    """Run one epoch of at most ``steps`` steps; returns mean loss terms, train top-1 and img/s."""
+    cfg, device, dist = state.cfg, state.device, state.dist
+    state.student.train()
+    term_sums: dict[str, torch.Tensor] = {}
+    correct = torch.zeros((), device=device, dtype=torch.float64)
+    steps_done = images_seen = 0
+    interval_steps = interval_images = 0
+    interval_wait_s = 0.0
+    timed_images, timed_s = 0, 0.0  # throughput excludes the compile/warm-up step
+    epoch_start = interval_start = time.perf_counter()
+    iterator = iter(loader)
+    for step in range(steps):
+        wait_start = time.perf_counter()
+        try:
+            images, labels = next(iterator)
+        except StopIteration:
+            break
+        interval_wait_s += time.perf_counter() - wait_start
+
+        terms, student_logits = train_step(state, images, labels)
+
+        # Accumulate on the device: no host synchronization until the next log line.
+        for name, value in terms.items():
+            term_sums[name] = term_sums.get(name, 0) + value.float()
+        correct += (student_logits.detach().argmax(dim=1) == labels).sum()
+        steps_done += 1
+        state.global_step += 1
+        images_seen += labels.shape[0]
+        interval_steps += 1
+        interval_images += labels.shape[0]
+
+        if state.compile_time_s is None:
+            # The run's first step compiles (torch.compile) and warms up: report it, never count it.
+            _sync(device)
+            state.compile_time_s = time.perf_counter() - epoch_start
+            state.metrics.write("compile", epoch=epoch, seconds=round(state.compile_time_s, 3), compiled=cfg.compile)
+            log.info("first step (compile + warm-up) took %.1fs", state.compile_time_s)
+            interval_start, interval_steps, interval_images, interval_wait_s = time.perf_counter(), 0, 0, 0.0
+            continue
+        if (step + 1) % cfg.log_every != 0 and step != steps - 1:
+            continue
+
+        means = {k: v / steps_done for k, v in term_sums.items()}
+        record = dict(zip(means, torch.stack([v.reshape(()).double() for v in means.values()]).tolist(), strict=True))
+        elapsed = max(1e-9, time.perf_counter() - interval_start)
+        timed_images, timed_s = timed_images + interval_images, timed_s + elapsed
+        img_per_s = interval_images * dist.world_size / elapsed
+        wait_frac = min(1.0, interval_wait_s / elapsed)
+        lr = state.optimizer.param_groups[0]["lr"]
+        extra = {}
+        if state.flops_per_image and state.peak_flops:
+            extra["mfu"] = img_per_s / dist.world_size * state.flops_per_image / state.peak_flops
+        state.metrics.write(
+            "step", epoch=epoch, step=step + 1, global_step=state.global_step, lr=lr,
+            img_per_s=img_per_s, data_wait_frac=wait_frac, **record, **extra,
+        )  # fmt: skip
+        remaining_steps = (steps - step - 1) + (epochs - epoch) * steps
+        eta_s = remaining_steps * elapsed / max(1, interval_steps)
+        terms_text = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "loss")
+        mfu_text = f" mfu {extra['mfu']:.1%}" if "mfu" in extra else ""
+        log.info(
+            "epoch %d/%d step %d/%d loss %.4f (%s) lr %.4g | %.0f img/s data-wait %.0f%%%s | ETA %s",
+            epoch, epochs, step + 1, steps, record["loss"], terms_text, lr, img_per_s, 100 * wait_frac,
+            mfu_text, format_duration(eta_s),
+        )  # fmt: skip
+        if wait_frac > 0.3 and not state.data_bound_warned:
+            state.data_bound_warned = True
+            warnings.warn(
+                f"training is data-bound: {wait_frac:.0%} of step time is spent waiting for batches; "
+                "raise data.workers, use data.backend=dali (GPU decode) or put the data on faster storage",
+                stacklevel=2,
+            )
+        interval_start, interval_steps, interval_images, interval_wait_s = time.perf_counter(), 0, 0, 0.0
+
+    _sync(device)
+    epoch_s = time.perf_counter() - epoch_start
+    if interval_images:  # steps after the last log line (the loader ended early)
+        timed_images, timed_s = timed_images + interval_images, timed_s + time.perf_counter() - interval_start
+    if timed_s <= 0:  # a one-step epoch: only the warm-up step exists, report it as it is
+        timed_images, timed_s = images_seen, epoch_s
+    names = list(term_sums)
+    totals = torch.zeros(len(names) + 3, dtype=torch.float64, device=device)
+    for i, name in enumerate(names):
+        totals[i] = term_sums[name].double()
+    totals[-3], totals[-2], totals[-1] = correct, float(images_seen), float(steps_done)
+    values = all_reduce_sum(totals).tolist()
+    result = {name: values[i] / max(1.0, values[-1]) for i, name in enumerate(names)}
+    result["train_top1"] = values[-3] / max(1.0, values[-2])
+    result["img_per_s"] = timed_images * dist.world_size / max(1e-9, timed_s)
+    result["epoch_time_s"] = epoch_s
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, precision: Precision, device: torch.device) -> dict[str, float]:
+    """Top-1 / top-5 (fractions) and mean CE over every validation image, summed across ranks."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, images, loss sum
+    for images, labels in loader:
+        with precision.autocast(device):
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices
+        hits = topk == labels[:, None]
+        totals[0] += hits[:, 0].sum()
+        totals[1] += hits.any(dim=1).sum()
+        totals[2] += labels.shape[0]
+        totals[3] += F.cross_entropy(logits, labels, reduction="sum")
+    all_reduce_sum(totals)
+    top1, top5, count, loss_sum = totals.tolist()
+    count_safe = max(1.0, count)
+    return {"top1": top1 / count_safe, "top5": top5 / count_safe, "num_images": int(count), "loss": loss_sum / count_safe}

@@ -1,0 +1,84 @@
+"""``python -m fastkd.eval --config X.yaml [key=value ...] --checkpoint P [--json OUT]``.
+
+Evaluates a checkpoint (a ``student.pt`` state dict, or a fastkd ``last.pt`` / ``best.pt``) of
+``student.arch`` on ``data.root``'s validation split, counting every image exactly once (also
+under torchrun), and prints / writes ``top1``, ``top5`` (fractions) and ``num_images``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastkd.config import Config, load_config
+from fastkd.distributed import cleanup, init_distributed
+from fastkd.engine import evaluate, resolve_precision
+from fastkd.logging import setup_console
+from fastkd.models import create_model, load_weights
+from fastkd.train import user_errors
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
+    """Load ``checkpoint`` into ``cfg.student.arch`` and evaluate it on the validation split."""
+    from fastkd.data import build_val_loader, ensure_dataset
+
+    dist = init_distributed(cfg.train.device)
+    setup_console(dist.is_main)
+    device = dist.device
+    if dist.is_main:
+        ensure_dataset(cfg.data)
+    precision = resolve_precision(cfg.train.amp, device)
+    loader = build_val_loader(
+        cfg.data, device=device, rank=dist.rank, world_size=dist.world_size, dtype=torch.float32
+    )
+    model = create_model(cfg.student.arch, loader.num_classes)
+    load_weights(model, str(checkpoint), arch=cfg.student.arch, num_classes=loader.num_classes, role="student")
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=memory_format)
+    try:
+        result = evaluate(model, loader, precision, device)
+    finally:
+        loader.close()
+    return {
+        "checkpoint": str(checkpoint),
+        "arch": cfg.student.arch,
+        "data_root": cfg.data.root,
+        "top1": result["top1"],
+        "top5": result["top5"],
+        "num_images": result["num_images"],
+        "loss": result["loss"],
+        "precision": precision.name,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; user mistakes print one ``fastkd: error:`` line and return 2."""
+    parser = argparse.ArgumentParser(prog="python -m fastkd.eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML config (data.* and student.arch are used)")
+    parser.add_argument("--checkpoint", required=True, help="student.pt, last.pt or best.pt")
+    parser.add_argument("--json", help="also write the result to this JSON file")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = evaluate_checkpoint(cfg, args.checkpoint)
+    except user_errors() as exc:
+        print(f"fastkd: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup()
+    print(f"top1 {result['top1']:.4f}  top5 {result['top5']:.4f}  num_images {result['num_images']}")
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Config loading: _base_ inheritance, dotted overrides, validation errors, round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fastkd.config import (
+    Config,
+    ConfigError,
+    describe,
+    from_dict,
+    load_config,
+    parse_override,
+    save_config,
+    to_dict,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+
+
+def write(path: Path, data: dict | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def test_base_inheritance_deep_merges_relative_to_file(tmp_path):
+    write(tmp_path / "bases" / "root.yaml", {"data": {"root": "/d", "batch_size": 8, "workers": 3}, "optim": {"lr": 0.5}})
+    write(tmp_path / "bases" / "mid.yaml", {"_base_": "root.yaml", "data": {"batch_size": 16}, "loss": {"tau": 4}})
+    child = write(
+        tmp_path / "child.yaml",
+        {"_base_": ["bases/mid.yaml"], "data": {"workers": 1}, "sched": {"milestones": [5]}},
+    )
+    cfg = load_config(child)
+    assert cfg.data.root == "/d"  # from the grandparent
+    assert cfg.data.batch_size == 16  # parent overrides grandparent
+    assert cfg.data.workers == 1  # child overrides both, siblings kept
+    assert cfg.optim.lr == 0.5 and cfg.loss.tau == 4.0
+    assert cfg.sched.milestones == [5]  # lists are replaced, not merged
+    assert isinstance(cfg.loss.tau, float)
+
+
+def test_multiple_bases_merge_in_order(tmp_path):
+    write(tmp_path / "a.yaml", {"data": {"root": "/a", "workers": 2}})
+    write(tmp_path / "b.yaml", {"data": {"root": "/b"}})
+    cfg = load_config(write(tmp_path / "c.yaml", {"_base_": ["a.yaml", "b.yaml"]}))
+    assert cfg.data.root == "/b" and cfg.data.workers == 2
+
+
+def test_base_cycle_is_reported(tmp_path):
+    write(tmp_path / "a.yaml", {"_base_": "b.yaml"})
+    write(tmp_path / "b.yaml", {"_base_": "a.yaml"})
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_missing_base_names_the_file(tmp_path):
+    path = write(tmp_path / "a.yaml", {"_base_": "nope.yaml", "data": {"root": "/x"}})
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(path)
+
+
+def test_overrides_are_yaml_values(tmp_path):
+    path = write(tmp_path / "a.yaml", {"data": {"root": "/x"}})
+    cfg = load_config(
+        path,
+        [
+            "optim.lr=0.2",
+            "data.root=/data/in1k",
+            "sched.milestones=[30,60,90]",
+            "train.compile=false",
+            "data.synthetic.num_classes=7",
+            "run.resume=",
+            "loss.tau=3",
+        ],
+    )
+    assert cfg.optim.lr == 0.2
+    assert cfg.data.root == "/data/in1k"
+    assert cfg.sched.milestones == [30, 60, 90]
+    assert cfg.train.compile is False
+    assert cfg.data.synthetic.num_classes == 7
+    assert cfg.run.resume == ""
+    assert cfg.loss.tau == 3.0 and isinstance(cfg.loss.tau, float)
+
+
+def test_override_beats_file_and_base(tmp_path):
+    write(tmp_path / "base.yaml", {"data": {"root": "/x", "batch_size": 4}})
+    path = write(tmp_path / "a.yaml", {"_base_": "base.yaml", "data": {"batch_size": 8}})
+    assert load_config(path, ["data.batch_size=2"]).data.batch_size == 2
+
+
+@pytest.mark.parametrize(
+    "override, unknown, suggestion",
+    [
+        ("data.batchsize=3", "'data.batchsize'", "'data.batch_size'"),
+        ("optim.lr_=0.1", "'optim.lr_'", "'optim.lr'"),
+        ("trian.epochs=3", "'trian'", "'train'"),
+        ("data.synthetic.num_clases=3", "'data.synthetic.num_clases'", "'data.synthetic.num_classes'"),
+    ],
+)
+def test_unknown_key_names_key_and_closest(tmp_path, override, unknown, suggestion):
+    path = write(tmp_path / "a.yaml", {"data": {"root": "/x"}})
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [override])
+    text = str(info.value)
+    assert f"unknown config key {unknown}" in text
+    assert f"did you mean {suggestion}?" in text
+
+
+def test_unknown_key_in_file(tmp_path):
+    path = write(tmp_path / "a.yaml", {"data": {"root": "/x"}, "loss": {"temperature": 2}})
+    with pytest.raises(ConfigError, match=r"loss\.temperature"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("data.batch_size=abc", "data.batch_size"),
+        ("data.batch_size=1.5", "data.batch_size"),
+        ("train.compile=maybe", "train.compile"),
+        ("data.backend=dalli", "did you mean 'dali'"),
+        ("loss.kind=wsdl", "loss.kind"),
+        ("train.amp=fp8", "train.amp"),
+        ("data.batch_size=0", "data.batch_size must be >= 1"),
+        ("loss.tau=0", "loss.tau"),
+        ("sched.milestones=[60,30]", "increasing"),
+        ("sched.milestones=5", "sched.milestones"),
+        ("data.val_resize=16", "data.val_resize"),
+        ("data.root=", "data.root is empty"),
+        ("optim.lr=-1", "optim.lr"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(tmp_path, override, fragment):
+    path = write(tmp_path / "a.yaml", {"data": {"root": "/x"}})
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(path, [override])
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("bad", ["noequals", "=3", "a..b=1"])
+def test_malformed_override(bad):
+    with pytest.raises(ConfigError):
+        parse_override(bad)
+
+
+def test_override_into_scalar_is_an_error(tmp_path):
+    path = write(tmp_path / "a.yaml", {"data": {"root": "/x"}, "optim": {"lr": 0.1}})
+    with pytest.raises(ConfigError, match="optim.lr is not a section"):
+        load_config(path, ["optim.lr.x=1"])
+    # Not in the file: the override builds a mapping, which validation then rejects by name.
+    with pytest.raises(ConfigError, match="optim.momentum: expected float"):
+        load_config(path, ["optim.momentum.x=1"])
+
+
+def test_bad_yaml_and_bad_top_level(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path / "a.yaml", "data: [unclosed"))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path / "b.yaml", "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_yaml_tags_never_execute(tmp_path):
+    path = write(tmp_path / "a.yaml", "data: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(CONFIGS / "wsld_resnet34_resnet18_in1k.yaml", ["data.root=/data/in1k", "optim.lr=0.3"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(tmp_path / "run" / "config.yaml")
+    assert again == cfg
+    assert to_dict(again)["loss"]["kind"] == "wsld"
+
+
+def test_every_field_is_documented():
+    rows = describe()
+    assert len(rows) > 40
+    undocumented = [key for key, _, _, doc in rows if not doc]
+    assert undocumented == []
+
+
+def test_published_recipe_is_exact():
+    cfg = load_config(CONFIGS / "wsld_resnet34_resnet18_in1k.yaml")
+    assert (cfg.teacher.arch, cfg.student.arch) == ("resnet34", "resnet18")
+    assert cfg.teacher.weights == "torchvision:IMAGENET1K_V1"
+    assert cfg.data.batch_size == 32 and cfg.data.image_size == 224 and cfg.data.val_resize == 256
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.1, 0.9, 1e-4)
+    assert cfg.sched.kind == "step" and cfg.sched.milestones == [30, 60, 90] and cfg.sched.gamma == 0.1
+    assert cfg.train.epochs == 100
+    assert (cfg.loss.kind, cfg.loss.tau, cfg.loss.loss_weight, cfg.loss.ce_weight) == ("wsld", 2.0, 2.5, 1.0)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_load(name):
+    assert isinstance(load_config(CONFIGS / name), Config)
+
+
+def test_from_dict_rejects_non_mapping_section():
+    with pytest.raises(ConfigError, match="data"):
+        from_dict({"data": [1, 2]})

@@ -1,0 +1,161 @@
+"""Engine wiring: precision choice, optimizer selection (apex optional), schedules, evaluation counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastkd import engine
+from fastkd.config import ConfigError, OptimConfig, SchedConfig
+from fastkd.engine import Precision, build_optimizer, evaluate, lr_factor, resolve_precision
+
+CPU = torch.device("cpu")
+
+
+def test_precision_on_cpu(monkeypatch):
+    assert resolve_precision("off", CPU) == Precision("fp32", None, False)
+    assert resolve_precision("bf16", CPU).dtype is torch.bfloat16
+    with pytest.raises(ConfigError, match="fp16"):
+        resolve_precision("fp16", CPU)
+    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: True)
+    assert resolve_precision("auto", CPU).dtype is torch.bfloat16
+    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: False)
+    assert resolve_precision("auto", CPU).dtype is None  # fp32 where bf16 is slow
+
+
+def test_precision_on_gpus_without_bf16_uses_fp16_and_a_scaler(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+    p = resolve_precision("auto", cuda)
+    assert p.dtype is torch.float16 and p.use_scaler
+    with pytest.raises(ConfigError, match="V100"):
+        resolve_precision("bf16", cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    p = resolve_precision("auto", cuda)
+    assert p.dtype is torch.bfloat16 and not p.use_scaler
+
+
+def _model():
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+
+
+def test_optimizer_auto_uses_torch_fused():
+    opt, name = build_optimizer(_model(), OptimConfig(), CPU)
+    assert "fused" in name and opt.defaults.get("fused") is True
+
+
+def test_optimizer_off_is_unfused():
+    opt, name = build_optimizer(_model(), OptimConfig(fused="off"), CPU)
+    assert "unfused" in name and not opt.defaults.get("fused")
+
+
+def test_optimizer_apex_missing_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(engine, "_import_apex_fused_sgd", lambda: None)
+    with pytest.raises(ConfigError, match="apex"):
+        build_optimizer(_model(), OptimConfig(fused="apex"), CPU)
+
+
+def test_optimizer_apex_selected_when_importable(monkeypatch):
+    class FakeFusedSGD(torch.optim.SGD):
+        pass
+
+    monkeypatch.setattr(engine, "_import_apex_fused_sgd", lambda: FakeFusedSGD)
+    with pytest.raises(ConfigError, match="CUDA"):
+        build_optimizer(_model(), OptimConfig(fused="apex"), CPU)
+    opt, name = build_optimizer(_model(), OptimConfig(fused="apex"), torch.device("cuda", 0))
+    assert isinstance(opt, FakeFusedSGD) and name == "apex FusedSGD"
+
+
+def test_no_norm_weight_decay_groups():
+    opt, _ = build_optimizer(_model(), OptimConfig(norm_weight_decay=False, weight_decay=0.1), CPU)
+    decays = sorted(g["weight_decay"] for g in opt.param_groups)
+    assert decays == [0.0, 0.1]
+    assert all(p.ndim <= 1 for p in opt.param_groups[1]["params"])
+
+
+def test_step_schedule_with_warmup():
+    cfg = SchedConfig(kind="step", milestones=[2, 4], gamma=0.1, warmup_epochs=1, warmup_start_factor=0.1)
+    f = lambda step: lr_factor(step, cfg=cfg, base_lr=0.1, epochs=6, steps_per_epoch=10)  # noqa: E731
+    assert f(0) == pytest.approx(0.1)
+    assert f(5) == pytest.approx(0.55)
+    assert f(10) == pytest.approx(1.0)
+    assert f(19) == pytest.approx(1.0)
+    assert f(20) == pytest.approx(0.1)
+    assert f(40) == pytest.approx(0.01)
+
+
+def test_cosine_schedule_ends_at_min_lr():
+    cfg = SchedConfig(kind="cosine", min_lr=0.001)
+    f = lambda step: lr_factor(step, cfg=cfg, base_lr=0.1, epochs=5, steps_per_epoch=4)  # noqa: E731
+    assert f(0) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(0.5 * (1 + 0.01), rel=1e-6)
+    assert f(20) == pytest.approx(0.01)
+    values = [f(s) for s in range(21)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_scheduler_drives_the_optimizer():
+    model = _model()
+    opt, _ = build_optimizer(model, OptimConfig(lr=0.4), CPU)
+    sched = engine.build_scheduler(opt, SchedConfig(kind="step", milestones=[1]), base_lr=0.4, epochs=2, steps_per_epoch=3)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.4, 0.4, 0.4, 0.04])
+
+
+class _FixedLogits(nn.Module):
+    """Returns per-sample logits looked up by the sample id stored in the image's first pixel."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, images):
+        return self.table[images[:, 0, 0, 0].long()]
+
+
+def test_evaluate_counts_every_image_once_and_topk():
+    # 7 samples, 6 classes; logits chosen so top-1 hits 3 and top-5 hits 6 of 7.
+    table = torch.tensor(
+        [
+            [9, 1, 2, 3, 4, 5],  # label 0: top1 hit
+            [1, 9, 2, 3, 4, 5],  # label 1: top1 hit
+            [1, 2, 9, 3, 4, 5],  # label 2: top1 hit
+            [9, 8, 7, 6, 5, 0],  # label 5: lowest score, top5 miss
+            [9, 8, 7, 6, 5, 0],  # label 4: top5 hit
+            [5, 4, 3, 2, 1, 0],  # label 1: top5 hit
+            [0, 1, 2, 3, 4, 5],  # label 1: top5 hit
+        ],
+        dtype=torch.float32,
+    )
+    labels = torch.tensor([0, 1, 2, 5, 4, 1, 1])
+    ids = torch.arange(7, dtype=torch.float32)
+    images = ids[:, None, None, None].expand(7, 3, 2, 2).contiguous()
+    batches = [(images[i : i + 3], labels[i : i + 3]) for i in range(0, 7, 3)]  # 3 + 3 + 1
+    result = evaluate(_FixedLogits(table), batches, Precision("fp32", None, False), CPU)
+    assert result["num_images"] == 7
+    assert result["top1"] == pytest.approx(3 / 7)
+    assert result["top5"] == pytest.approx(6 / 7)
+    expected_loss = nn.functional.cross_entropy(table, labels).item()
+    assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert math.isfinite(result["loss"])
+
+
+def test_step_flops_count_teacher_forward_and_student_train():
+    import torchvision
+
+    student = torchvision.models.resnet18(num_classes=10)
+    teacher = torchvision.models.resnet34(num_classes=10).eval()
+    only_student = engine.count_step_flops(student, None, 32, CPU)
+    both = engine.count_step_flops(student, teacher, 32, CPU)
+    teacher_forward = both - only_student
+    # A training step costs ~3x a forward pass; ResNet-34 forward is ~2x ResNet-18's.
+    assert 1.5 < teacher_forward / (only_student / 3) < 2.5
+    assert all(p.grad is None for p in student.parameters())
