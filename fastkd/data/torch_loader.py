@@ -1,0 +1,272 @@
+"""The torchvision ``DataLoader`` backend: the fallback without DALI and the benchmarks' baseline.
+
+A standard pipeline on purpose: PIL decoding and torchvision transforms in ``cfg.workers``
+worker processes (train: ``RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3))`` +
+``RandomHorizontalFlip``; val: ``Resize(val_resize)`` + ``CenterCrop(image_size)``; bilinear,
+antialiased), uint8 HWC batches (pinned when the device is CUDA) moved to the device, where they
+become normalized NCHW channels_last tensors of the requested dtype. Order and sharding come from
+`fastkd.data.sharding.ShardPlan`, so this loader reads exactly the files the DALI loader reads.
+
+Augmentation randomness is seeded per sample from (seed, epoch, position in the epoch), which
+makes a sample's crop independent of the number of workers and of which worker decodes it.
+Bad images met at run time: ``on_bad_image=error`` stops with a `DataError` naming the file;
+``skip`` warns and, for training, puts the next file of the list in its place (fixed batch
+shape), for validation leaves it out (the batch gets one image shorter); with worker processes
+the warning is printed by the worker that met the file.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+from fastkd.data.folder import DataError, SplitIndex, bad_image_error, bad_image_message
+from fastkd.data.sharding import ShardPlan
+
+# A run of this many undecodable files in a row under on_bad_image=skip means something else is
+# wrong (a whole folder unreadable), so stop instead of skipping on forever.
+_MAX_CONSECUTIVE_BAD = 16
+
+
+def train_transform(image_size: int) -> transforms.Compose:
+    """torchvision's standard ImageNet training augmentation (without ToTensor/Normalize)."""
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(
+                image_size,
+                scale=(0.08, 1.0),
+                ratio=(3.0 / 4.0, 4.0 / 3.0),
+                interpolation=InterpolationMode.BILINEAR,
+                antialias=True,
+            ),
+            transforms.RandomHorizontalFlip(),
+        ]
+    )
+
+
+def val_transform(image_size: int, val_resize: int) -> transforms.Compose:
+    """torchvision's standard evaluation transform (without ToTensor/Normalize)."""
+    return transforms.Compose(
+        [
+            transforms.Resize(val_resize, interpolation=InterpolationMode.BILINEAR, antialias=True),
+            transforms.CenterCrop(image_size),
+        ]
+    )
+
+
+class ImageFileDataset(Dataset):
+    """Decodes and transforms one file per key ``(position, augmentation seed)``; HWC uint8 out."""
+
+    def __init__(
+        self,
+        files: Sequence[str],
+        labels: Sequence[int],
+        transform: transforms.Compose,
+        *,
+        train: bool,
+        on_bad_image: Literal["error", "skip"],
+    ) -> None:
+        self.files = tuple(files)
+        self.labels = tuple(labels)
+        self.transform = transform
+        self.train = train
+        self.on_bad_image = on_bad_image
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _augment(self, image: Image.Image, sample_seed: int) -> Image.Image:
+        if get_worker_info() is not None:
+            # A worker process owns its global generator, and torchvision draws from it.
+            torch.manual_seed(sample_seed)
+            return self.transform(image)
+        # In the main process (workers=0) keep the caller's generator untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            return self.transform(image)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | None:
+        position, sample_seed = int(key[0]), int(key[1])
+        for _ in range(_MAX_CONSECUTIVE_BAD):
+            path = self.files[position]
+            try:
+                with Image.open(path) as encoded:
+                    image = encoded.convert("RGB")
+            except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError...
+                problem = bad_image_message(path, f"cannot be decoded ({exc})")
+                if self.on_bad_image == "error":
+                    raise bad_image_error([problem]) from None
+                if not self.train:
+                    warnings.warn(f"data.on_bad_image=skip: leaving out {problem}", stacklevel=2)
+                    return None
+                warnings.warn(
+                    f"data.on_bad_image=skip: using the next file instead of {problem}",
+                    stacklevel=2,
+                )
+                position = (position + 1) % len(self.files)
+                continue
+            image = self._augment(image, sample_seed)
+            return torch.from_numpy(np.array(image, dtype=np.uint8)), self.labels[position]
+        raise DataError(
+            f"{_MAX_CONSECUTIVE_BAD} images in a row could not be decoded near {self.files[position]}: "
+            "check that the data set is readable"
+        )
+
+
+def collate_skipping_missing(batch: list[tuple[torch.Tensor, int] | None]) -> Any:
+    """``default_collate`` without the samples a skipped bad image left out (None if all were)."""
+    kept = [sample for sample in batch if sample is not None]
+    if not kept:
+        return None
+    return torch.utils.data.default_collate(kept)
+
+
+class _PlanSampler(Sampler[tuple[int, int]]):
+    """Yields ``(position, augmentation seed)`` of the plan's samples for ``epoch``, in order.
+
+    It holds no reference back to the loader: a loader -> DataLoader -> sampler -> loader cycle
+    would outlive the last reference until a garbage collection, which may then run inside a
+    forked worker of another loader and try to shut down workers that are not its children.
+    """
+
+    def __init__(self, plan: ShardPlan) -> None:
+        self.plan = plan
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        positions = self.plan.indices(self.epoch).tolist()
+        seeds = self.plan.sample_seeds(self.epoch).tolist()
+        return iter(zip(positions, seeds, strict=True))
+
+    def __len__(self) -> int:
+        return self.plan.num_samples
+
+
+def _unwrap_worker_error(exc: DataError) -> str:
+    """The original message of a `DataError` re-raised by the DataLoader from a worker.
+
+    The DataLoader re-raises a worker's exception with the worker's whole traceback as its
+    message; the user should see only the one line that says which file and what to do.
+    """
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    return text.rstrip().rsplit("DataError: ", 1)[-1]
+
+
+class TorchLoader:
+    """Batches ``(images, labels)`` of one split for one rank from a torchvision DataLoader.
+
+    See `fastkd.data.build_train_loader` for the protocol every loader follows.
+    """
+
+    backend = "torch"
+
+    def __init__(
+        self,
+        index: SplitIndex,
+        *,
+        train: bool,
+        image_size: int,
+        val_resize: int,
+        batch_size: int,
+        workers: int,
+        prefetch: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        on_bad_image: Literal["error", "skip"],
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.index = index
+        self.classes = list(index.classes)
+        self.num_classes = len(index.classes)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.train = train
+        self.plan = ShardPlan(
+            len(index),
+            train=train,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+        )
+        self.num_samples = self.plan.num_samples
+        transform = train_transform(image_size) if train else val_transform(image_size, val_resize)
+        dataset = ImageFileDataset(
+            index.files, index.labels, transform, train=train, on_bad_image=on_bad_image
+        )
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._sampler = _PlanSampler(self.plan)
+        self._dataloader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=self._sampler,
+            drop_last=train,  # the plan already holds whole batches; this only states the intent
+            num_workers=workers,
+            collate_fn=collate_skipping_missing,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=prefetch if workers > 0 else None,
+            # The DataLoader draws its workers' base seed from this generator; without one it
+            # would draw from the global generator and shift the trainer's random stream at
+            # every pass. (Augmentation does not use that seed: see _PlanSampler.)
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def __len__(self) -> int:
+        return self.plan.num_batches
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose order (and augmentation seeds) the next pass uses."""
+        return self._sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order (and augmentation seeds) the next pass uses."""
+        self._sampler.epoch = epoch
+
+    def shard_indices(self) -> np.ndarray:
+        """Positions in ``index.files`` this rank reads in the current epoch, in order."""
+        return self.plan.indices(self.epoch)
+
+    def _to_device(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # HWC -> NCHW is a stride change only: the result is channels_last without a copy, and
+        # the conversion and normalization below keep that memory format.
+        images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        images = images.to(torch.float32).sub_(self._mean).div_(self._std)
+        if self.dtype != torch.float32:
+            images = images.to(self.dtype)
+        return images, labels.to(self.device, non_blocking=True)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        try:
+            for batch in self._dataloader:
+                if batch is None:  # every image of a validation batch was skipped
+                    continue
+                yield self._to_device(*batch)
+        except DataError as exc:
+            raise DataError(_unwrap_worker_error(exc)) from None
+
+    def close(self) -> None:
+        """Stop the worker processes now (a later pass would start new ones)."""
+        iterator = getattr(self._dataloader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._dataloader._iterator = None
