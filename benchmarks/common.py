@@ -23,7 +23,11 @@ def git_commit() -> str:
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
@@ -78,14 +82,19 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
         return "-" if value is None else str(value)
 
     body = [[cell(row.get(col)) for col in columns] for row in rows]
-    widths = [max(len(col), *(len(r[i]) for r in body)) if body else len(col) for i, col in enumerate(columns)]
-    lines = ["  ".join(col.rjust(w) for col, w in zip(columns, widths))]
+    widths = [
+        max(len(col), *(len(r[i]) for r in body)) if body else len(col)
+        for i, col in enumerate(columns)
+    ]
+    lines = ["  ".join(col.rjust(w) for col, w in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in body]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in body]
     return "\n".join(lines)
 
 
-def write_json(path: str | os.PathLike | None, name: str, config: dict[str, Any], results: list[dict[str, Any]]) -> None:
+def write_json(
+    path: str | os.PathLike | None, name: str, config: dict[str, Any], results: list[dict[str, Any]]
+) -> None:
     """Write one benchmark's results with the machine facts; no-op when ``path`` is None."""
     if path is None:
         return

@@ -82,7 +82,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             "to start from plain weights use student.weights=PATH instead of run.resume"
         )
     if ckpt.get("version", 0) > VERSION:
-        raise CheckpointError(f"{path}: written by a newer fastkd (version {ckpt['version']}); upgrade fastkd")
+        raise CheckpointError(
+            f"{path}: written by a newer fastkd (version {ckpt['version']}); upgrade fastkd"
+        )
     return ckpt
 
 

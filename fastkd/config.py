@@ -36,83 +36,166 @@ def _doc(text: str, **kwargs: Any) -> Any:
 
 @dataclass
 class RunConfig:
-    dir: str = _doc("folder for config.yaml, metrics.jsonl, checkpoints and summary.json", default="runs/default")
+    dir: str = _doc(
+        "folder for config.yaml, metrics.jsonl, checkpoints and summary.json",
+        default="runs/default",
+    )
     seed: int = _doc("seed of every random generator (data order, augmentation, init)", default=0)
-    deterministic: bool = _doc("deterministic kernels (slower); also fixes cuDNN algorithm choice", default=False)
-    resume: str = _doc("'' = fresh run; 'auto' = run.dir/last.pt when it exists; else a checkpoint path", default="")
+    deterministic: bool = _doc(
+        "deterministic kernels (slower); also fixes cuDNN algorithm choice", default=False
+    )
+    resume: str = _doc(
+        "'' = fresh run; 'auto' = run.dir/last.pt when it exists; else a checkpoint path",
+        default="",
+    )
 
 
 @dataclass
 class SyntheticConfig:
-    enabled: bool = _doc("generate a synthetic JPEG ImageFolder at data.root when it is missing", default=False)
+    enabled: bool = _doc(
+        "generate a synthetic JPEG ImageFolder at data.root when it is missing", default=False
+    )
     num_classes: int = _doc("classes of the synthetic set", default=10)
     train_per_class: int = _doc("training images per class", default=300)
     val_per_class: int = _doc("validation images per class", default=60)
     image_size: int = _doc("side of the generated JPEGs in pixels", default=72)
-    seed: int = _doc("seed of the generator (the set is a pure function of these fields)", default=0)
+    seed: int = _doc(
+        "seed of the generator (the set is a pure function of these fields)", default=0
+    )
 
 
 @dataclass
 class DataConfig:
-    root: str = _doc("ImageFolder root holding train/<class>/*.JPEG and val/<class>/*.JPEG", default="")
-    backend: Literal["dali", "torch"] = _doc("'dali' (GPU or CPU pipeline) or 'torch' (torchvision DataLoader)", default="dali")
+    root: str = _doc(
+        "ImageFolder root holding train/<class>/*.JPEG and val/<class>/*.JPEG", default=""
+    )
+    backend: Literal["dali", "torch"] = _doc(
+        "'dali' (GPU or CPU pipeline) or 'torch' (torchvision DataLoader)", default="dali"
+    )
     image_size: int = _doc("training crop and validation center-crop side in pixels", default=224)
-    val_resize: int = _doc("validation: resize the shorter side to this before the center crop", default=256)
-    batch_size: int = _doc("images per process per step (global batch = batch_size x world size)", default=32)
-    val_batch_size: int = _doc("validation batch per process; 0 = same as data.batch_size", default=0)
+    crop_area: list[float] = _doc(
+        "training random-resized-crop area range, as fractions of the image",
+        default_factory=lambda: [0.08, 1.0],
+    )
+    val_resize: int = _doc(
+        "validation: resize the shorter side to this before the center crop", default=256
+    )
+    batch_size: int = _doc(
+        "images per process per step (global batch = batch_size x world size)", default=32
+    )
+    val_batch_size: int = _doc(
+        "validation batch per process; 0 = same as data.batch_size", default=0
+    )
     workers: int = _doc("DALI CPU threads or DataLoader worker processes per process", default=4)
-    on_bad_image: Literal["error", "skip"] = _doc("an undecodable image stops the run ('error') or is left out with a warning ('skip')", default="error")
-    prescan: bool = _doc("check every file's signature and end marker before training (~20 us a file); off for huge trusted sets (bad files are then caught when decoded)", default=True)
-    mean: list[float] = _doc("per-channel mean on the 0-255 scale (RGB)", default_factory=lambda: [0.485 * 255, 0.456 * 255, 0.406 * 255])
-    std: list[float] = _doc("per-channel std on the 0-255 scale (RGB)", default_factory=lambda: [0.229 * 255, 0.224 * 255, 0.225 * 255])
-    prefetch: int = _doc("batches prepared ahead (DALI prefetch_queue_depth / DataLoader prefetch_factor)", default=2)
-    dali_device: Literal["auto", "gpu", "cpu"] = _doc("DALI decode on the GPU ('mixed') or the CPU; auto = GPU when CUDA is available", default="auto")
-    output_dtype: Literal["auto", "float32", "float16"] = _doc("dtype of the batches; auto = float16 on a GPU under AMP, else float32", default="auto")
-    hw_decoder_load: float = _doc("share of JPEGs sent to the A100/H100 hardware decoder (0-1)", default=0.65)
-    dali_preallocate: bool = _doc("preallocate DALI decoder memory for ImageNet-sized images (no growth stalls)", default=True)
-    synthetic: SyntheticConfig = _doc("the generated quickstart data set", default_factory=SyntheticConfig)
+    on_bad_image: Literal["error", "skip"] = _doc(
+        "an undecodable image stops the run ('error') or is left out with a warning ('skip')",
+        default="error",
+    )
+    prescan: bool = _doc(
+        "check every file's signature and end marker before training (~20 us a file); off for huge trusted sets (bad files are then caught when decoded)",
+        default=True,
+    )
+    mean: list[float] = _doc(
+        "per-channel mean on the 0-255 scale (RGB)",
+        default_factory=lambda: [0.485 * 255, 0.456 * 255, 0.406 * 255],
+    )
+    std: list[float] = _doc(
+        "per-channel std on the 0-255 scale (RGB)",
+        default_factory=lambda: [0.229 * 255, 0.224 * 255, 0.225 * 255],
+    )
+    prefetch: int = _doc(
+        "batches prepared ahead (DALI prefetch_queue_depth / DataLoader prefetch_factor)", default=2
+    )
+    dali_device: Literal["auto", "gpu", "cpu"] = _doc(
+        "DALI decode on the GPU ('mixed') or the CPU; auto = GPU when CUDA is available",
+        default="auto",
+    )
+    output_dtype: Literal["auto", "float32", "float16"] = _doc(
+        "dtype of the batches; auto = float16 on a GPU under AMP, else float32", default="auto"
+    )
+    hw_decoder_load: float = _doc(
+        "share of JPEGs sent to the A100/H100 hardware decoder (0-1)", default=0.65
+    )
+    dali_preallocate: bool = _doc(
+        "preallocate DALI decoder memory for ImageNet-sized images (no growth stalls)", default=True
+    )
+    synthetic: SyntheticConfig = _doc(
+        "the generated quickstart data set", default_factory=SyntheticConfig
+    )
 
 
 @dataclass
 class TeacherConfig:
-    arch: str = _doc("torchvision classification architecture name, e.g. resnet34", default="resnet34")
-    weights: str = _doc("state-dict or fastkd checkpoint path, 'torchvision:WEIGHTS_NAME', or 'random' (tests only)", default="torchvision:IMAGENET1K_V1")
-    fold_bn: bool = _doc("fold the teacher's BatchNorm into its convolutions (inference-only speedup)", default=True)
+    arch: str = _doc(
+        "torchvision classification architecture name, e.g. resnet34", default="resnet34"
+    )
+    weights: str = _doc(
+        "state-dict or fastkd checkpoint path, 'torchvision:WEIGHTS_NAME', or 'random' (tests only)",
+        default="torchvision:IMAGENET1K_V1",
+    )
+    fold_bn: bool = _doc(
+        "fold the teacher's BatchNorm into its convolutions (inference-only speedup)", default=True
+    )
 
 
 @dataclass
 class StudentConfig:
-    arch: str = _doc("torchvision classification architecture name, e.g. resnet18", default="resnet18")
-    weights: str = _doc("'' = random init (the usual), or a state-dict / checkpoint / 'torchvision:NAME' to start from", default="")
+    arch: str = _doc(
+        "torchvision classification architecture name, e.g. resnet18", default="resnet18"
+    )
+    weights: str = _doc(
+        "'' = random init (the usual), or a state-dict / checkpoint / 'torchvision:NAME' to start from",
+        default="",
+    )
 
 
 @dataclass
 class LossConfig:
-    kind: Literal["wsld", "kd", "ce"] = _doc("'wsld' (distill), 'kd' (Hinton KD), 'ce' (hard labels only: teachers, baselines)", default="wsld")
+    kind: Literal["wsld", "kd", "ce"] = _doc(
+        "'wsld' (distill), 'kd' (Hinton KD), 'ce' (hard labels only: teachers, baselines)",
+        default="wsld",
+    )
     tau: float = _doc("distillation temperature", default=2.0)
     loss_weight: float = _doc("weight of the distillation term (WSLD's alpha)", default=2.5)
     ce_weight: float = _doc("weight of the student's hard-label cross-entropy", default=1.0)
-    impl: Literal["auto", "fused", "reference"] = _doc("WSLD implementation: fused C++/CUDA op, plain PyTorch, or fused when built", default="auto")
-    label_smoothing: float = _doc("label smoothing of the hard-label CE for loss.kind=ce", default=0.0)
+    impl: Literal["auto", "fused", "reference"] = _doc(
+        "WSLD implementation: fused C++/CUDA op, plain PyTorch, or fused when built", default="auto"
+    )
+    label_smoothing: float = _doc(
+        "label smoothing of the hard-label CE for loss.kind=ce", default=0.0
+    )
 
 
 @dataclass
 class OptimConfig:
-    lr: float = _doc("base learning rate (for the global batch; not rescaled automatically)", default=0.1)
+    lr: float = _doc(
+        "base learning rate (for the global batch; not rescaled automatically)", default=0.1
+    )
     momentum: float = _doc("SGD momentum", default=0.9)
     weight_decay: float = _doc("L2 weight decay", default=1e-4)
     nesterov: bool = _doc("Nesterov momentum", default=False)
-    norm_weight_decay: bool = _doc("apply weight decay to normalization weights and biases too", default=True)
-    fused: Literal["auto", "torch", "apex", "off"] = _doc("fused SGD step: torch's where supported (auto), apex FusedSGD, or off", default="auto")
+    norm_weight_decay: bool = _doc(
+        "apply weight decay to normalization weights and biases too", default=True
+    )
+    fused: Literal["auto", "torch", "apex", "off"] = _doc(
+        "fused SGD step: torch's where supported (auto), apex FusedSGD, or off", default="auto"
+    )
 
 
 @dataclass
 class SchedConfig:
-    kind: Literal["step", "cosine", "constant"] = _doc("learning-rate schedule, updated every step", default="step")
-    milestones: list[int] = _doc("step schedule: epochs at which lr is multiplied by gamma", default_factory=lambda: [30, 60, 90])
+    kind: Literal["step", "cosine", "constant"] = _doc(
+        "learning-rate schedule, updated every step", default="step"
+    )
+    milestones: list[int] = _doc(
+        "step schedule: epochs at which lr is multiplied by gamma",
+        default_factory=lambda: [30, 60, 90],
+    )
     gamma: float = _doc("step schedule: decay factor", default=0.1)
     min_lr: float = _doc("cosine schedule: final learning rate", default=0.0)
-    warmup_epochs: float = _doc("linear warmup length in epochs (fractions allowed); 0 = none", default=0.0)
+    warmup_epochs: float = _doc(
+        "linear warmup length in epochs (fractions allowed); 0 = none", default=0.0
+    )
     warmup_start_factor: float = _doc("warmup starts at lr x this factor", default=0.1)
 
 
@@ -120,13 +203,24 @@ class SchedConfig:
 class TrainConfig:
     epochs: int = _doc("training epochs", default=100)
     device: Literal["auto", "cuda", "cpu"] = _doc("auto = CUDA when available", default="auto")
-    amp: Literal["auto", "bf16", "fp16", "off"] = _doc("autocast: auto = bf16 where supported (CPU included), else fp16 with GradScaler", default="auto")
+    amp: Literal["auto", "bf16", "fp16", "off"] = _doc(
+        "autocast: auto = bf16 where supported (CPU included), else fp16 with GradScaler",
+        default="auto",
+    )
     channels_last: bool = _doc("channels_last memory format for models and batches", default=True)
     compile: bool = _doc("torch.compile the student step and the teacher", default=True)
-    compile_mode: Literal["default", "max-autotune", "reduce-overhead", "max-autotune-no-cudagraphs"] = _doc("torch.compile mode", default="default")
-    log_every: int = _doc("steps between progress lines and step records in metrics.jsonl", default=50)
-    eval_every: int = _doc("epochs between evaluations (the last epoch is always evaluated)", default=1)
-    max_steps_per_epoch: int = _doc("cap on steps per epoch; 0 = the full epoch (smoke tests, benchmarks)", default=0)
+    compile_mode: Literal[
+        "default", "max-autotune", "reduce-overhead", "max-autotune-no-cudagraphs"
+    ] = _doc("torch.compile mode", default="default")
+    log_every: int = _doc(
+        "steps between progress lines and step records in metrics.jsonl", default=50
+    )
+    eval_every: int = _doc(
+        "epochs between evaluations (the last epoch is always evaluated)", default=1
+    )
+    max_steps_per_epoch: int = _doc(
+        "cap on steps per epoch; 0 = the full epoch (smoke tests, benchmarks)", default=0
+    )
     sync_bn: bool = _doc("SyncBatchNorm for the student under DDP", default=False)
 
 
@@ -149,7 +243,9 @@ class Config:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (check the path given to --config or _base_)")
+        raise ConfigError(
+            f"config file not found: {path} (check the path given to --config or _base_)"
+        )
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -157,7 +253,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"
+        )
     return data
 
 
@@ -200,7 +298,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"override {text!r} is not of the form dotted.key=value (e.g. optim.lr=0.2)")
+        raise ConfigError(
+            f"override {text!r} is not of the form dotted.key=value (e.g. optim.lr=0.2)"
+        )
     if raw.strip() == "":
         value: Any = ""
     else:
@@ -225,7 +325,9 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if child is None:
                 child = {}
             elif not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {'.'.join(parts[: depth + 1])} is not a section")
+                raise ConfigError(
+                    f"override {text!r}: {'.'.join(parts[: depth + 1])} is not a section"
+                )
             node[part] = child = dict(child)
             node = child
         node[parts[-1]] = value
@@ -260,7 +362,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in choices:
             hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             extra = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(c) for c in choices)}{extra}")
+            raise ConfigError(
+                f"{key}: {value!r} is not one of {', '.join(repr(c) for c in choices)}{extra}"
+            )
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
@@ -329,28 +433,62 @@ def _check_ranges(cfg: Config) -> None:
 
     d, s = cfg.data, cfg.data.synthetic
     need(d.image_size >= 8, f"data.image_size must be >= 8, got {d.image_size}")
-    need(d.val_resize >= d.image_size, f"data.val_resize ({d.val_resize}) must be >= data.image_size ({d.image_size})")
+    need(
+        d.val_resize >= d.image_size,
+        f"data.val_resize ({d.val_resize}) must be >= data.image_size ({d.image_size})",
+    )
+    need(
+        len(d.crop_area) == 2 and 0 < d.crop_area[0] <= d.crop_area[1] <= 1,
+        f"data.crop_area must be [min, max] with 0 < min <= max <= 1, got {d.crop_area}",
+    )
     need(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
     need(d.val_batch_size >= 0, f"data.val_batch_size must be >= 0, got {d.val_batch_size}")
     need(d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
     need(d.prefetch >= 1, f"data.prefetch must be >= 1, got {d.prefetch}")
     need(len(d.mean) == 3 and len(d.std) == 3, "data.mean and data.std need 3 values (R, G, B)")
     need(all(v > 0 for v in d.std), f"data.std must be positive, got {d.std}")
-    need(0.0 <= d.hw_decoder_load <= 1.0, f"data.hw_decoder_load must be in [0, 1], got {d.hw_decoder_load}")
+    need(
+        0.0 <= d.hw_decoder_load <= 1.0,
+        f"data.hw_decoder_load must be in [0, 1], got {d.hw_decoder_load}",
+    )
     need(s.num_classes >= 2, f"data.synthetic.num_classes must be >= 2, got {s.num_classes}")
-    need(s.train_per_class >= 1 and s.val_per_class >= 1, "data.synthetic.train_per_class and val_per_class must be >= 1")
+    need(
+        s.train_per_class >= 1 and s.val_per_class >= 1,
+        "data.synthetic.train_per_class and val_per_class must be >= 1",
+    )
     need(s.image_size >= 16, f"data.synthetic.image_size must be >= 16, got {s.image_size}")
-    need(bool(d.root), "data.root is empty: set it to an ImageFolder root (e.g. data.root=/data/imagenet)")
+    need(
+        bool(d.root),
+        "data.root is empty: set it to an ImageFolder root (e.g. data.root=/data/imagenet)",
+    )
     need(cfg.loss.tau > 0, f"loss.tau must be > 0, got {cfg.loss.tau}")
-    need(cfg.loss.loss_weight >= 0 and cfg.loss.ce_weight >= 0, "loss.loss_weight and loss.ce_weight must be >= 0")
-    need(0.0 <= cfg.loss.label_smoothing < 1.0, f"loss.label_smoothing must be in [0, 1), got {cfg.loss.label_smoothing}")
+    need(
+        cfg.loss.loss_weight >= 0 and cfg.loss.ce_weight >= 0,
+        "loss.loss_weight and loss.ce_weight must be >= 0",
+    )
+    need(
+        0.0 <= cfg.loss.label_smoothing < 1.0,
+        f"loss.label_smoothing must be in [0, 1), got {cfg.loss.label_smoothing}",
+    )
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
-    need(cfg.optim.momentum >= 0 and cfg.optim.weight_decay >= 0, "optim.momentum and optim.weight_decay must be >= 0")
-    need(not (cfg.optim.nesterov and cfg.optim.momentum == 0), "optim.nesterov needs optim.momentum > 0")
-    need(cfg.sched.warmup_epochs >= 0, f"sched.warmup_epochs must be >= 0, got {cfg.sched.warmup_epochs}")
+    need(
+        cfg.optim.momentum >= 0 and cfg.optim.weight_decay >= 0,
+        "optim.momentum and optim.weight_decay must be >= 0",
+    )
+    need(
+        not (cfg.optim.nesterov and cfg.optim.momentum == 0),
+        "optim.nesterov needs optim.momentum > 0",
+    )
+    need(
+        cfg.sched.warmup_epochs >= 0,
+        f"sched.warmup_epochs must be >= 0, got {cfg.sched.warmup_epochs}",
+    )
     need(0 < cfg.sched.warmup_start_factor <= 1, "sched.warmup_start_factor must be in (0, 1]")
     need(all(m >= 0 for m in cfg.sched.milestones), "sched.milestones must be >= 0")
-    need(cfg.sched.milestones == sorted(cfg.sched.milestones), f"sched.milestones must be increasing, got {cfg.sched.milestones}")
+    need(
+        cfg.sched.milestones == sorted(cfg.sched.milestones),
+        f"sched.milestones must be increasing, got {cfg.sched.milestones}",
+    )
     need(cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}")
     need(cfg.train.log_every >= 1, f"train.log_every must be >= 1, got {cfg.train.log_every}")
     need(cfg.train.eval_every >= 1, f"train.eval_every must be >= 1, got {cfg.train.eval_every}")
@@ -395,7 +533,9 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, 
         if dataclasses.is_dataclass(tp):
             rows += describe(tp, key + ".")
         else:
-            rows.append((key, _type_name(tp), repr(getattr(defaults, f.name)), f.metadata.get("doc", "")))
+            rows.append(
+                (key, _type_name(tp), repr(getattr(defaults, f.name)), f.metadata.get("doc", ""))
+            )
     return rows
 
 

@@ -39,7 +39,9 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
     if preference == "cuda":
-        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+        raise ConfigError(
+            "train.device=cuda but no CUDA device is visible; use train.device=auto or cpu"
+        )
     return torch.device("cpu")
 
 
@@ -53,7 +55,9 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend=backend, device_id=device if device.type == "cuda" else None
+        )
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

@@ -25,7 +25,9 @@ from fastkd.logging import MetricsWriter, format_duration
 
 log = logging.getLogger("fastkd")
 
-Objective = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+Objective = Callable[
+    [torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]
+]
 
 # ---------------------------------------------------------------------------------------------
 # Precision
@@ -61,7 +63,9 @@ def resolve_precision(amp: str, device: torch.device) -> Precision:
     if device.type == "cuda":
         bf16_ok = torch.cuda.is_bf16_supported()
         if amp == "bf16" and not bf16_ok:
-            raise ConfigError(f"train.amp=bf16 but {torch.cuda.get_device_name(device)} has no bf16; use train.amp=fp16 or auto")
+            raise ConfigError(
+                f"train.amp=bf16 but {torch.cuda.get_device_name(device)} has no bf16; use train.amp=fp16 or auto"
+            )
         if amp == "bf16" or (amp == "auto" and bf16_ok):
             return Precision("bf16", torch.bfloat16, False)
         return Precision("fp16", torch.float16, True)
@@ -85,7 +89,10 @@ def _param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
         return [{"params": params, "weight_decay": cfg.weight_decay}]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def _import_apex_fused_sgd() -> type | None:
@@ -96,27 +103,41 @@ def _import_apex_fused_sgd() -> type | None:
     return FusedSGD
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, device: torch.device
+) -> tuple[torch.optim.Optimizer, str]:
     """SGD per ``optim.*``; the fused implementation per ``optim.fused``. Returns (optimizer, description)."""
     groups = _param_groups(model, cfg)
-    common = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    common = dict(
+        lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+    )
     if cfg.fused == "apex":
         fused_sgd = _import_apex_fused_sgd()
         if fused_sgd is None:
-            raise ConfigError("optim.fused=apex but apex is not importable; install NVIDIA apex or use optim.fused=auto")
+            raise ConfigError(
+                "optim.fused=apex but apex is not importable; install NVIDIA apex or use optim.fused=auto"
+            )
         if device.type != "cuda":
-            raise ConfigError("optim.fused=apex needs a CUDA device; use optim.fused=auto on the CPU")
+            raise ConfigError(
+                "optim.fused=apex needs a CUDA device; use optim.fused=auto on the CPU"
+            )
         return fused_sgd(groups, **common), "apex FusedSGD"
     if cfg.fused in ("auto", "torch"):
         try:
-            return torch.optim.SGD(groups, fused=True, **common), f"torch SGD (fused, {device.type})"
+            return torch.optim.SGD(
+                groups, fused=True, **common
+            ), f"torch SGD (fused, {device.type})"
         except (RuntimeError, TypeError) as exc:
             if cfg.fused == "torch":
-                raise ConfigError(f"optim.fused=torch: torch's fused SGD is unavailable here ({exc})") from None
+                raise ConfigError(
+                    f"optim.fused=torch: torch's fused SGD is unavailable here ({exc})"
+                ) from None
     return torch.optim.SGD(groups, foreach=device.type == "cuda", **common), "torch SGD (unfused)"
 
 
-def lr_factor(step: int, *, cfg: SchedConfig, base_lr: float, epochs: int, steps_per_epoch: int) -> float:
+def lr_factor(
+    step: int, *, cfg: SchedConfig, base_lr: float, epochs: int, steps_per_epoch: int
+) -> float:
     """Learning-rate multiplier after ``step`` optimizer steps (schedules are evaluated per step)."""
     t = step / max(1, steps_per_epoch)  # progress in (fractional) epochs
     warm = 1.0
@@ -135,12 +156,19 @@ def lr_factor(step: int, *, cfg: SchedConfig, base_lr: float, epochs: int, steps
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: SchedConfig, *, base_lr: float, epochs: int, steps_per_epoch: int
+    optimizer: torch.optim.Optimizer,
+    cfg: SchedConfig,
+    *,
+    base_lr: float,
+    epochs: int,
+    steps_per_epoch: int,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step LambdaLR implementing `lr_factor`."""
 
     def factor(step: int) -> float:
-        return lr_factor(step, cfg=cfg, base_lr=base_lr, epochs=epochs, steps_per_epoch=steps_per_epoch)
+        return lr_factor(
+            step, cfg=cfg, base_lr=base_lr, epochs=epochs, steps_per_epoch=steps_per_epoch
+        )
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -161,7 +189,9 @@ def build_objective(cfg: LossConfig) -> Objective:
     if cfg.kind == "ce":
 
         def ce_objective(student_logits, teacher_logits, labels):
-            total = F.cross_entropy(student_logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            total = F.cross_entropy(
+                student_logits.float(), labels, label_smoothing=cfg.label_smoothing
+            )
             return total, {"loss": total.detach(), "ce": total.detach()}
 
         return ce_objective
@@ -186,7 +216,12 @@ def build_objective(cfg: LossConfig) -> Objective:
             ce_weight=cfg.ce_weight,
             impl=cfg.impl,
         )
-        logged = {"loss": terms.total.detach(), "ce": terms.ce, "wsld": terms.wsld, "wsld_weight": terms.weight_mean}
+        logged = {
+            "loss": terms.total.detach(),
+            "ce": terms.ce,
+            "wsld": terms.wsld,
+            "wsld_weight": terms.weight_mean,
+        }
         return terms.total, logged
 
     return wsld_objective
@@ -197,7 +232,9 @@ def build_objective(cfg: LossConfig) -> Objective:
 # ---------------------------------------------------------------------------------------------
 
 
-def count_step_flops(student: nn.Module, teacher: nn.Module | None, image_size: int, device: torch.device) -> float:
+def count_step_flops(
+    student: nn.Module, teacher: nn.Module | None, image_size: int, device: torch.device
+) -> float:
     """FLOPs of one training step per image: teacher forward + student forward and backward.
 
     Counted with ``torch.utils.flop_counter`` on a 2-image batch of the uncompiled models, in
@@ -269,7 +306,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def train_step(
+    state: TrainState, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One optimizer step: teacher forward (no graph), student forward, loss, backward, update.
 
     Returns the detached loss terms and the student's logits; nothing here waits for the device.
@@ -290,7 +329,9 @@ def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor) ->
     return terms, student_logits
 
 
-def train_one_epoch(state: TrainState, loader: Iterable, epoch: int, epochs: int, steps: int) -> dict[str, float]:
+def train_one_epoch(
+    state: TrainState, loader: Iterable, epoch: int, epochs: int, steps: int
+) -> dict[str, float]:
     """Run one epoch of at most ``steps`` steps; returns mean loss terms, train top-1 and img/s."""
     cfg, device, dist = state.cfg, state.device, state.dist
     state.student.train()
@@ -326,15 +367,28 @@ def train_one_epoch(state: TrainState, loader: Iterable, epoch: int, epochs: int
             # The run's first step compiles (torch.compile) and warms up: report it, never count it.
             _sync(device)
             state.compile_time_s = time.perf_counter() - epoch_start
-            state.metrics.write("compile", epoch=epoch, seconds=round(state.compile_time_s, 3), compiled=cfg.compile)
+            state.metrics.write(
+                "compile", epoch=epoch, seconds=round(state.compile_time_s, 3), compiled=cfg.compile
+            )
             log.info("first step (compile + warm-up) took %.1fs", state.compile_time_s)
-            interval_start, interval_steps, interval_images, interval_wait_s = time.perf_counter(), 0, 0, 0.0
+            interval_start, interval_steps, interval_images, interval_wait_s = (
+                time.perf_counter(),
+                0,
+                0,
+                0.0,
+            )
             continue
         if (step + 1) % cfg.log_every != 0 and step != steps - 1:
             continue
 
         means = {k: v / steps_done for k, v in term_sums.items()}
-        record = dict(zip(means, torch.stack([v.reshape(()).double() for v in means.values()]).tolist(), strict=True))
+        record = dict(
+            zip(
+                means,
+                torch.stack([v.reshape(()).double() for v in means.values()]).tolist(),
+                strict=True,
+            )
+        )
         elapsed = max(1e-9, time.perf_counter() - interval_start)
         timed_images, timed_s = timed_images + interval_images, timed_s + elapsed
         img_per_s = interval_images * dist.world_size / elapsed
@@ -363,12 +417,20 @@ def train_one_epoch(state: TrainState, loader: Iterable, epoch: int, epochs: int
                 "raise data.workers, use data.backend=dali (GPU decode) or put the data on faster storage",
                 stacklevel=2,
             )
-        interval_start, interval_steps, interval_images, interval_wait_s = time.perf_counter(), 0, 0, 0.0
+        interval_start, interval_steps, interval_images, interval_wait_s = (
+            time.perf_counter(),
+            0,
+            0,
+            0.0,
+        )
 
     _sync(device)
     epoch_s = time.perf_counter() - epoch_start
     if interval_images:  # steps after the last log line (the loader ended early)
-        timed_images, timed_s = timed_images + interval_images, timed_s + time.perf_counter() - interval_start
+        timed_images, timed_s = (
+            timed_images + interval_images,
+            timed_s + time.perf_counter() - interval_start,
+        )
     if timed_s <= 0:  # a one-step epoch: only the warm-up step exists, report it as it is
         timed_images, timed_s = images_seen, epoch_s
     names = list(term_sums)
@@ -390,7 +452,9 @@ def train_one_epoch(state: TrainState, loader: Iterable, epoch: int, epochs: int
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, precision: Precision, device: torch.device) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, loader: Iterable, precision: Precision, device: torch.device
+) -> dict[str, float]:
     """Top-1 / top-5 (fractions) and mean CE over every validation image, summed across ranks."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, images, loss sum
@@ -408,4 +472,9 @@ def evaluate(model: nn.Module, loader: Iterable, precision: Precision, device: t
     all_reduce_sum(totals)
     top1, top5, count, loss_sum = totals.tolist()
     count_safe = max(1.0, count)
-    return {"top1": top1 / count_safe, "top5": top5 / count_safe, "num_images": int(count), "loss": loss_sum / count_safe}
+    return {
+        "top1": top1 / count_safe,
+        "top5": top5 / count_safe,
+        "num_images": int(count),
+        "loss": loss_sum / count_safe,
+    }

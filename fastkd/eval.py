@@ -37,7 +37,13 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
         cfg.data, device=device, rank=dist.rank, world_size=dist.world_size, dtype=torch.float32
     )
     model = create_model(cfg.student.arch, loader.num_classes)
-    load_weights(model, str(checkpoint), arch=cfg.student.arch, num_classes=loader.num_classes, role="student")
+    load_weights(
+        model,
+        str(checkpoint),
+        arch=cfg.student.arch,
+        num_classes=loader.num_classes,
+        role="student",
+    )
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
     try:
@@ -58,8 +64,12 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; user mistakes print one ``fastkd: error:`` line and return 2."""
-    parser = argparse.ArgumentParser(prog="python -m fastkd.eval", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML config (data.* and student.arch are used)")
+    parser = argparse.ArgumentParser(
+        prog="python -m fastkd.eval", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--config", required=True, help="YAML config (data.* and student.arch are used)"
+    )
     parser.add_argument("--checkpoint", required=True, help="student.pt, last.pt or best.pt")
     parser.add_argument("--json", help="also write the result to this JSON file")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
@@ -72,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         cleanup()
-    print(f"top1 {result['top1']:.4f}  top5 {result['top5']:.4f}  num_images {result['num_images']}")
+    print(
+        f"top1 {result['top1']:.4f}  top5 {result['top5']:.4f}  num_images {result['num_images']}"
+    )
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,11 @@ class MetricsWriter:
         if self._tb is not None:
             step = fields.get("global_step", fields.get("epoch", 0))
             for key, value in fields.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "global_step", "step"):
+                if (
+                    isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                    and key not in ("epoch", "global_step", "step")
+                ):
                     self._tb.add_scalar(f"{event}/{key}", value, step)
 
     def close(self) -> None:

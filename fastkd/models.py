@@ -38,7 +38,9 @@ def create_model(arch: str, num_classes: int) -> nn.Module:
     if arch not in names:
         close = difflib.get_close_matches(arch, names, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ModelError(f"unknown architecture {arch!r}: not a torchvision classification model.{hint}")
+        raise ModelError(
+            f"unknown architecture {arch!r}: not a torchvision classification model.{hint}"
+        )
     if num_classes < 1:
         raise ModelError(f"num_classes must be >= 1, got {num_classes}")
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
@@ -58,7 +60,9 @@ def strip_wrapper_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
     return cleaned
 
 
-def _classifier_out_features(state_dict: dict[str, Any], model: nn.Module) -> tuple[str, int] | None:
+def _classifier_out_features(
+    state_dict: dict[str, Any], model: nn.Module
+) -> tuple[str, int] | None:
     """The name and output size of the model's last Linear layer as found in ``state_dict``."""
     last_linear = None
     for name, module in model.named_modules():
@@ -91,11 +95,15 @@ def read_state_dict(path: str | Path, role: str = "student") -> dict[str, torch.
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelError(f"{path}: holds no model state dict (a mapping of parameter names to tensors)")
+        raise ModelError(
+            f"{path}: holds no model state dict (a mapping of parameter names to tensors)"
+        )
     return strip_wrapper_prefixes(obj)
 
 
-def load_state_dict_checked(model: nn.Module, state_dict: dict[str, Any], source: str, num_classes: int) -> None:
+def load_state_dict_checked(
+    model: nn.Module, state_dict: dict[str, Any], source: str, num_classes: int
+) -> None:
     """Load ``state_dict`` strictly, turning mismatches into one readable error."""
     found = _classifier_out_features(state_dict, model)
     if found is not None and found[1] != num_classes:
@@ -106,9 +114,13 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, Any], source
     result = model.load_state_dict(state_dict, strict=False)
     problems = []
     if result.missing_keys:
-        problems.append(f"missing {len(result.missing_keys)} keys (e.g. {', '.join(result.missing_keys[:3])})")
+        problems.append(
+            f"missing {len(result.missing_keys)} keys (e.g. {', '.join(result.missing_keys[:3])})"
+        )
     if result.unexpected_keys:
-        problems.append(f"unexpected {len(result.unexpected_keys)} keys (e.g. {', '.join(result.unexpected_keys[:3])})")
+        problems.append(
+            f"unexpected {len(result.unexpected_keys)} keys (e.g. {', '.join(result.unexpected_keys[:3])})"
+        )
     if problems:
         raise ModelError(
             f"{source}: does not match architecture {type(model).__name__}: {'; '.join(problems)}. "
@@ -127,7 +139,9 @@ def _torchvision_weights(arch: str, name: str) -> Any:
     for member in enum:
         if member.name == short:
             return member
-    raise ModelError(f"torchvision:{name}: no such weights for {arch}; available: {', '.join(m.name for m in enum)}")
+    raise ModelError(
+        f"torchvision:{name}: no such weights for {arch}; available: {', '.join(m.name for m in enum)}"
+    )
 
 
 def load_weights(model: nn.Module, spec: str, *, arch: str, num_classes: int, role: str) -> str:

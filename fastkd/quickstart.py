@@ -28,7 +28,9 @@ STAGES = (
 )
 
 
-def run_stages(runs_dir: Path, data_root: str | None, extra: list[str], configs: Path = CONFIGS) -> list[dict[str, Any]]:
+def run_stages(
+    runs_dir: Path, data_root: str | None, extra: list[str], configs: Path = CONFIGS
+) -> list[dict[str, Any]]:
     """Train the three stages in order; returns one summary per stage."""
     summaries = []
     teacher_weights = runs_dir / "teacher" / "student.pt"
@@ -39,7 +41,10 @@ def run_stages(runs_dir: Path, data_root: str | None, extra: list[str], configs:
         if name == "wsld":
             overrides.append(f"teacher.weights={teacher_weights}")
         cfg = load_config(configs / config_file, overrides + extra)
-        print(f"\n== quickstart stage {name}: python -m fastkd.train --config configs/{config_file} {' '.join(overrides + extra)}", flush=True)
+        print(
+            f"\n== quickstart stage {name}: python -m fastkd.train --config configs/{config_file} {' '.join(overrides + extra)}",
+            flush=True,
+        )
         start = time.perf_counter()
         summary = run(cfg)
         summary["stage"] = name
@@ -69,9 +74,17 @@ def format_report(summaries: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastkd.quickstart", description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default="runs/quickstart", help="folder for the three run folders")
-    parser.add_argument("--data", default=None, help="data.root for all stages (default: the configs' data/synthetic)")
+    parser = argparse.ArgumentParser(
+        prog="python -m fastkd.quickstart", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--runs", default="runs/quickstart", help="folder for the three run folders"
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="data.root for all stages (default: the configs' data/synthetic)",
+    )
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                         help="override applied to every stage (repeatable), e.g. --set train.epochs=1")  # fmt: skip
     args = parser.parse_args(argv)

@@ -97,7 +97,9 @@ def build_teacher(cfg: Config, num_classes: int, device: torch.device) -> tuple[
             "state dict / fastkd checkpoint path or torchvision:WEIGHTS_NAME"
         )
     teacher = create_model(cfg.teacher.arch, num_classes)
-    source = load_weights(teacher, cfg.teacher.weights, arch=cfg.teacher.arch, num_classes=num_classes, role="teacher")
+    source = load_weights(
+        teacher, cfg.teacher.weights, arch=cfg.teacher.arch, num_classes=num_classes, role="teacher"
+    )
     teacher.eval().requires_grad_(False)
     if cfg.teacher.fold_bn:
         teacher = fold_batchnorm(teacher)
@@ -109,7 +111,9 @@ def build_teacher(cfg: Config, num_classes: int, device: torch.device) -> tuple[
 def maybe_compile(module: nn.Module, cfg: Config) -> nn.Module:
     if not cfg.train.compile:
         return module
-    return torch.compile(module, mode=None if cfg.train.compile_mode == "default" else cfg.train.compile_mode)
+    return torch.compile(
+        module, mode=None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
+    )
 
 
 @dataclass
@@ -119,7 +123,9 @@ class Models:
     student: nn.Module
     teacher: nn.Module | None
     train_model: nn.Module  # student, DDP-wrapped under torchrun, compiled when train.compile
-    eval_model: nn.Module  # student, compiled when train.compile (never DDP: each rank evaluates its shard)
+    eval_model: (
+        nn.Module
+    )  # student, compiled when train.compile (never DDP: each rank evaluates its shard)
     teacher_step: nn.Module | None  # teacher, compiled separately when train.compile
     student_source: str
     teacher_source: str
@@ -143,7 +149,9 @@ def build_models(cfg: Config, num_classes: int, dist: DistInfo) -> Models:
     train_model: nn.Module = student
     if dist.enabled:
         train_model = DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
+            student,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True,
         )
     return Models(
         student=student,
@@ -170,7 +178,11 @@ def build_train_state(
     """Optimizer, per-step schedule, grad scaler and objective around ``models``."""
     optimizer, optimizer_name = build_optimizer(models.student, cfg.optim, dist.device)
     scheduler = build_scheduler(
-        optimizer, cfg.sched, base_lr=cfg.optim.lr, epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch
+        optimizer,
+        cfg.sched,
+        base_lr=cfg.optim.lr,
+        epochs=cfg.train.epochs,
+        steps_per_epoch=steps_per_epoch,
     )
     objective = build_objective(cfg.loss)
     if cfg.train.compile:
@@ -192,7 +204,9 @@ def batch_dtype(cfg: Config, device: torch.device, precision: Precision) -> torc
     return torch.float32
 
 
-def resume_into(state: TrainState, student: nn.Module, path: Path, classes: list[str], steps: int) -> tuple[int, float]:
+def resume_into(
+    state: TrainState, student: nn.Module, path: Path, classes: list[str], steps: int
+) -> tuple[int, float]:
     """Load a checkpoint into the student and the optimizer/schedule/scaler; returns (epoch, best top-1)."""
     saved = ckpt_io.load_checkpoint(path)
     if saved.get("classes") and list(saved["classes"]) != list(classes):
@@ -229,7 +243,10 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
 
     precision = resolve_precision(cfg.train.amp, device)
     loader_args = dict(
-        device=device, rank=dist.rank, world_size=dist.world_size, dtype=batch_dtype(cfg, device, precision)
+        device=device,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        dtype=batch_dtype(cfg, device, precision),
     )
     train_loader = build_train_loader(cfg.data, seed=cfg.run.seed, **loader_args)
     val_loader = build_val_loader(cfg.data, **loader_args)
@@ -251,8 +268,17 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
         dist.world_size, "es" if dist.world_size > 1 else "", train_loader.backend, num_classes,
         train_loader.num_samples, val_loader.num_samples,
     )  # fmt: skip
-    log.info("precision %s, channels_last %s, compile %s", precision.name, cfg.train.channels_last, cfg.train.compile)
-    log.info("student weights: %s; teacher weights: %s", models.student_source, models.teacher_source or "-")
+    log.info(
+        "precision %s, channels_last %s, compile %s",
+        precision.name,
+        cfg.train.channels_last,
+        cfg.train.compile,
+    )
+    log.info(
+        "student weights: %s; teacher weights: %s",
+        models.student_source,
+        models.teacher_source or "-",
+    )
 
     flops_per_image = count_step_flops(student, teacher, cfg.data.image_size, device)
     peak_flops = measure_peak_flops(device) if device.type == "cuda" else None
@@ -279,7 +305,9 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
     log.info("optimizer: %s", state.optimizer_name)
     start_epoch, best_top1 = 0, float("-inf")
     if resume_path is not None:
-        start_epoch, best_top1 = resume_into(state, student, resume_path, train_loader.classes, steps)
+        start_epoch, best_top1 = resume_into(
+            state, student, resume_path, train_loader.classes, steps
+        )
     metrics.write(
         "start", world_size=dist.world_size, device=str(device), backend=train_loader.backend,
         precision=precision.name, optimizer=state.optimizer_name, num_classes=num_classes,
@@ -298,7 +326,9 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
             improved = False
             if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
                 last_eval = evaluate(models.eval_model, val_loader, precision, device)
-                record.update(top1=last_eval["top1"], top5=last_eval["top5"], val_loss=last_eval["loss"])
+                record.update(
+                    top1=last_eval["top1"], top5=last_eval["top5"], val_loss=last_eval["loss"]
+                )
                 improved = last_eval["top1"] > best_top1
                 best_top1 = max(best_top1, last_eval["top1"])
             metrics.write("epoch", **record)
@@ -374,8 +404,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Train a student (WSLD / KD / CE) from a YAML config. Keys: python -m fastkd.config",
     )
     parser.add_argument("--config", required=True, help="YAML config file (may use _base_: [...])")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. optim.lr=0.2")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted.key=value overrides, e.g. optim.lr=0.2"
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
     return parser.parse_intermixed_args(argv)
 
 

@@ -29,8 +29,14 @@ def write(path: Path, data: dict | str) -> Path:
 
 
 def test_base_inheritance_deep_merges_relative_to_file(tmp_path):
-    write(tmp_path / "bases" / "root.yaml", {"data": {"root": "/d", "batch_size": 8, "workers": 3}, "optim": {"lr": 0.5}})
-    write(tmp_path / "bases" / "mid.yaml", {"_base_": "root.yaml", "data": {"batch_size": 16}, "loss": {"tau": 4}})
+    write(
+        tmp_path / "bases" / "root.yaml",
+        {"data": {"root": "/d", "batch_size": 8, "workers": 3}, "optim": {"lr": 0.5}},
+    )
+    write(
+        tmp_path / "bases" / "mid.yaml",
+        {"_base_": "root.yaml", "data": {"batch_size": 16}, "loss": {"tau": 4}},
+    )
     child = write(
         tmp_path / "child.yaml",
         {"_base_": ["bases/mid.yaml"], "data": {"workers": 1}, "sched": {"milestones": [5]}},
@@ -99,7 +105,11 @@ def test_override_beats_file_and_base(tmp_path):
         ("data.batchsize=3", "'data.batchsize'", "'data.batch_size'"),
         ("optim.lr_=0.1", "'optim.lr_'", "'optim.lr'"),
         ("trian.epochs=3", "'trian'", "'train'"),
-        ("data.synthetic.num_clases=3", "'data.synthetic.num_clases'", "'data.synthetic.num_classes'"),
+        (
+            "data.synthetic.num_clases=3",
+            "'data.synthetic.num_clases'",
+            "'data.synthetic.num_classes'",
+        ),
     ],
 )
 def test_unknown_key_names_key_and_closest(tmp_path, override, unknown, suggestion):
@@ -173,7 +183,9 @@ def test_yaml_tags_never_execute(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(CONFIGS / "wsld_resnet34_resnet18_in1k.yaml", ["data.root=/data/in1k", "optim.lr=0.3"])
+    cfg = load_config(
+        CONFIGS / "wsld_resnet34_resnet18_in1k.yaml", ["data.root=/data/in1k", "optim.lr=0.3"]
+    )
     save_config(cfg, tmp_path / "run" / "config.yaml")
     again = load_config(tmp_path / "run" / "config.yaml")
     assert again == cfg
@@ -193,9 +205,16 @@ def test_published_recipe_is_exact():
     assert cfg.teacher.weights == "torchvision:IMAGENET1K_V1"
     assert cfg.data.batch_size == 32 and cfg.data.image_size == 224 and cfg.data.val_resize == 256
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.1, 0.9, 1e-4)
-    assert cfg.sched.kind == "step" and cfg.sched.milestones == [30, 60, 90] and cfg.sched.gamma == 0.1
+    assert (
+        cfg.sched.kind == "step" and cfg.sched.milestones == [30, 60, 90] and cfg.sched.gamma == 0.1
+    )
     assert cfg.train.epochs == 100
-    assert (cfg.loss.kind, cfg.loss.tau, cfg.loss.loss_weight, cfg.loss.ce_weight) == ("wsld", 2.0, 2.5, 1.0)
+    assert (cfg.loss.kind, cfg.loss.tau, cfg.loss.loss_weight, cfg.loss.ce_weight) == (
+        "wsld",
+        2.0,
+        2.5,
+        1.0,
+    )
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))

@@ -78,7 +78,9 @@ def test_no_norm_weight_decay_groups():
 
 
 def test_step_schedule_with_warmup():
-    cfg = SchedConfig(kind="step", milestones=[2, 4], gamma=0.1, warmup_epochs=1, warmup_start_factor=0.1)
+    cfg = SchedConfig(
+        kind="step", milestones=[2, 4], gamma=0.1, warmup_epochs=1, warmup_start_factor=0.1
+    )
     f = lambda step: lr_factor(step, cfg=cfg, base_lr=0.1, epochs=6, steps_per_epoch=10)  # noqa: E731
     assert f(0) == pytest.approx(0.1)
     assert f(5) == pytest.approx(0.55)
@@ -101,7 +103,9 @@ def test_cosine_schedule_ends_at_min_lr():
 def test_scheduler_drives_the_optimizer():
     model = _model()
     opt, _ = build_optimizer(model, OptimConfig(lr=0.4), CPU)
-    sched = engine.build_scheduler(opt, SchedConfig(kind="step", milestones=[1]), base_lr=0.4, epochs=2, steps_per_epoch=3)
+    sched = engine.build_scheduler(
+        opt, SchedConfig(kind="step", milestones=[1]), base_lr=0.4, epochs=2, steps_per_epoch=3
+    )
     lrs = []
     for _ in range(4):
         lrs.append(opt.param_groups[0]["lr"])

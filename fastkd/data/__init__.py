@@ -134,6 +134,7 @@ def _build(
     common: dict[str, Any] = dict(
         train=split == "train",
         image_size=cfg.image_size,
+        crop_area=(cfg.crop_area[0], cfg.crop_area[1]),
         val_resize=cfg.val_resize,
         batch_size=batch_size,
         workers=cfg.workers,

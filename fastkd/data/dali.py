@@ -1,6 +1,6 @@
 """The DALI backend: JPEG decoding and augmentation in DALI pipelines, on the GPU or the CPU.
 
-Training: ``decoders.image_random_crop`` fuses the RandomResizedCrop window (area 0.08-1,
+Training: ``decoders.image_random_crop`` fuses the RandomResizedCrop window (area `data.crop_area`, 0.08-1 by default;
 aspect 3/4-4/3) into decoding, so only the region of interest is decoded (nvJPEG / the A100+
 hardware decoder with ``device="mixed"``, libjpeg-turbo on the CPU); then a bilinear antialiased
 resize to ``image_size`` and one ``crop_mirror_normalize`` that flips at random, normalizes and
@@ -76,6 +76,7 @@ def train_pipeline(
     decoder_device: str,
     decoder_args: dict[str, Any],
     image_size: int,
+    crop_area: tuple[float, float],
     mean: Sequence[float],
     std: Sequence[float],
     out_dtype: Any,
@@ -87,7 +88,7 @@ def train_pipeline(
         device=decoder_device,
         output_type=types.RGB,
         adjust_orientation=False,  # as PIL/torchvision, which ignore EXIF orientation
-        random_area=[0.08, 1.0],
+        random_area=list(crop_area),
         random_aspect_ratio=[3.0 / 4.0, 4.0 / 3.0],
         num_attempts=10,
         **decoder_args,
@@ -248,6 +249,7 @@ class DaliLoader:
         on_bad_image: Literal["error", "skip"],
         device: torch.device,
         use_gpu: bool,
+        crop_area: tuple[float, float] = (0.08, 1.0),
         hw_decoder_load: float = 0.65,
         preallocate: bool = True,
         rank: int = 0,
@@ -311,7 +313,9 @@ class DaliLoader:
             std=[float(v) for v in std],
             out_dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT,
         )
-        if not train:
+        if train:
+            self._pipeline_kwargs["crop_area"] = (float(crop_area[0]), float(crop_area[1]))
+        else:
             self._pipeline_kwargs["val_resize"] = val_resize
         self._runtime_kwargs: dict[str, Any] = dict(
             batch_size=batch_size,

@@ -1,7 +1,7 @@
 """The torchvision ``DataLoader`` backend: the fallback without DALI and the benchmarks' baseline.
 
 A standard pipeline on purpose: PIL decoding and torchvision transforms in ``cfg.workers``
-worker processes (train: ``RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3))`` +
+worker processes (train: ``RandomResizedCrop(scale=data.crop_area, ratio=(3/4, 4/3))`` +
 ``RandomHorizontalFlip``; val: ``Resize(val_resize)`` + ``CenterCrop(image_size)``; bilinear,
 antialiased), uint8 HWC batches (pinned when the device is CUDA) moved to the device, where they
 become normalized NCHW channels_last tensors of the requested dtype. Order and sharding come from
@@ -36,13 +36,15 @@ from fastkd.data.sharding import ShardPlan
 _MAX_CONSECUTIVE_BAD = 16
 
 
-def train_transform(image_size: int) -> transforms.Compose:
+def train_transform(
+    image_size: int, crop_area: tuple[float, float] = (0.08, 1.0)
+) -> transforms.Compose:
     """torchvision's standard ImageNet training augmentation (without ToTensor/Normalize)."""
     return transforms.Compose(
         [
             transforms.RandomResizedCrop(
                 image_size,
-                scale=(0.08, 1.0),
+                scale=crop_area,
                 ratio=(3.0 / 4.0, 4.0 / 3.0),
                 interpolation=InterpolationMode.BILINEAR,
                 antialias=True,
@@ -188,6 +190,7 @@ class TorchLoader:
         world_size: int = 1,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        crop_area: tuple[float, float] = (0.08, 1.0),
     ) -> None:
         self.index = index
         self.classes = list(index.classes)
@@ -205,7 +208,11 @@ class TorchLoader:
             seed=seed,
         )
         self.num_samples = self.plan.num_samples
-        transform = train_transform(image_size) if train else val_transform(image_size, val_resize)
+        transform = (
+            train_transform(image_size, crop_area)
+            if train
+            else val_transform(image_size, val_resize)
+        )
         dataset = ImageFileDataset(
             index.files, index.labels, transform, train=train, on_bad_image=on_bad_image
         )

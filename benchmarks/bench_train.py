@@ -1,0 +1,271 @@
+"""Images/sec of the whole distillation step, variant by variant, measured side by side.
+
+The step is fastkd's own (`fastkd.engine.train_step`, built by the trainer's own builders): teacher
+forward, student forward and backward, WSLD loss, optimizer step. Batches are device-resident (one
+fixed batch, re-used) so the numbers measure compute, not data loading; ``--root`` adds an
+end-to-end row that feeds the same step from the real loader.
+
+Variants: {eager, compiled} x {fp32, AMP} x {NCHW, channels_last}; the ratio column compares each
+with eager/fp32/NCHW, measured in the same run. FLOPs per image come from
+``torch.utils.flop_counter``; on a GPU, model FLOP utilization (MFU) is reported against the measured
+peak of a large bf16 matmul.
+
+    python benchmarks/bench_train.py --image-size 112 --batch-size 32 --json out.json       # CPU
+    python benchmarks/bench_train.py --image-size 224 --batch-size 256 --json out.json      # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import logging
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import format_table, write_json  # noqa: E402
+
+from fastkd.config import from_dict  # noqa: E402
+from fastkd.distributed import DistInfo, resolve_device  # noqa: E402
+from fastkd.engine import count_step_flops, measure_peak_flops, resolve_precision, train_step  # noqa: E402
+from fastkd.logging import MetricsWriter  # noqa: E402
+from fastkd.train import batch_dtype, build_models, build_train_state  # noqa: E402
+
+ALL_VARIANTS = [
+    f"{c}/{a}/{m}"
+    for c, a, m in itertools.product(("eager", "compiled"), ("fp32", "amp"), ("nchw", "cl"))
+]
+BASELINE = "eager/fp32/nchw"
+DEFAULT = "compiled/amp/cl"  # the trainer's default configuration
+
+
+def make_config(args: argparse.Namespace, variant: str, root: str = "/unused") -> Any:
+    compiled, amp, layout = variant.split("/")
+    return from_dict(
+        {
+            "data": {
+                "root": root,
+                "image_size": args.image_size,
+                "batch_size": args.batch_size,
+                "workers": args.workers,
+            },
+            "teacher": {"arch": args.teacher, "weights": "random"},
+            "student": {"arch": args.student},
+            "loss": {"kind": args.loss, "impl": args.loss_impl},
+            "train": {
+                "device": args.device,
+                "compile": compiled == "compiled",
+                "compile_mode": args.compile_mode,
+                "amp": "auto" if amp == "amp" else "off",
+                "channels_last": layout == "cl",
+            },
+        }
+    )
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_variant(
+    args: argparse.Namespace, variant: str, device: torch.device, num_classes: int
+) -> dict[str, Any]:
+    """Build the variant's models and step, compile/warm up, then time ``args.steps`` steps."""
+    cfg = make_config(args, variant)
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    precision = resolve_precision(cfg.train.amp, device)
+    models = build_models(cfg, num_classes, dist)
+    with tempfile.TemporaryDirectory() as tmp:
+        state = build_train_state(
+            cfg, models, dist=dist, precision=precision, steps_per_epoch=10_000,
+            metrics=MetricsWriter(tmp, enabled=False),
+        )  # fmt: skip
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
+    images = images.to(
+        device=device, dtype=batch_dtype(cfg, device, precision), memory_format=memory_format
+    )
+    labels = torch.randint(0, num_classes, (args.batch_size,), generator=generator).to(device)
+
+    start = time.perf_counter()
+    train_step(state, images, labels)
+    sync(device)
+    first_step_s = time.perf_counter() - start
+    for _ in range(args.warmup):
+        train_step(state, images, labels)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        terms, _ = train_step(state, images, labels)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    loss = float(terms["loss"])
+    del state, models, images, labels
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "variant": variant,
+        "img_per_s": args.steps * args.batch_size / elapsed,
+        "step_ms": 1000 * elapsed / args.steps,
+        "first_step_s": first_step_s,
+        "precision": precision.name,
+        "loss": loss,
+    }
+
+
+def bench_end_to_end(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The default variant fed by the real loader (``--root``): img/s and the data-wait fraction."""
+    from fastkd.data import build_train_loader
+
+    cfg = make_config(args, DEFAULT, root=args.root)
+    cfg.data.backend = args.backend
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    precision = resolve_precision(cfg.train.amp, device)
+    loader = build_train_loader(
+        cfg.data, device=device, seed=0, dtype=batch_dtype(cfg, device, precision)
+    )
+    models = build_models(cfg, loader.num_classes, dist)
+    with tempfile.TemporaryDirectory() as tmp:
+        state = build_train_state(
+            cfg, models, dist=dist, precision=precision, steps_per_epoch=len(loader),
+            metrics=MetricsWriter(tmp, enabled=False),
+        )  # fmt: skip
+    images_done, wait_s, timed_s, first_step_s = 0, 0.0, 0.0, None
+    try:
+        for epoch in range(args.e2e_epochs):
+            loader.set_epoch(epoch)
+            iterator = iter(loader)
+            while True:
+                step_start = time.perf_counter()
+                try:
+                    images, labels = next(iterator)
+                except StopIteration:
+                    break
+                got_batch = time.perf_counter()
+                train_step(state, images, labels)
+                if first_step_s is None:  # compile + warm-up, excluded
+                    sync(device)
+                    first_step_s = time.perf_counter() - step_start
+                    continue
+                wait_s += got_batch - step_start
+                images_done += labels.shape[0]
+                timed_s += time.perf_counter() - step_start
+        sync(device)
+    finally:
+        loader.close()
+    return {
+        "variant": f"{DEFAULT} + {loader.backend} loader",
+        "img_per_s": images_done / max(1e-9, timed_s),
+        "step_ms": 1000 * timed_s / max(1, images_done // args.batch_size),
+        "first_step_s": first_step_s,
+        "data_wait_frac": wait_s / max(1e-9, timed_s),
+        "precision": precision.name,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default="resnet34")
+    parser.add_argument("--student", default="resnet18")
+    parser.add_argument("--loss", default="wsld", choices=["wsld", "kd", "ce"])
+    parser.add_argument("--loss-impl", default="auto", choices=["auto", "fused", "reference"])
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps after the first (compile) step"
+    )
+    parser.add_argument(
+        "--variants", default="all", help=f"comma-separated subset of {', '.join(ALL_VARIANTS)}"
+    )
+    parser.add_argument("--compile-mode", default="default")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--root",
+        default=None,
+        help="ImageFolder root: adds the end-to-end row with the real loader",
+    )
+    parser.add_argument("--backend", default="dali", choices=["dali", "torch"])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--e2e-epochs", type=int, default=1)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    warnings.filterwarnings("ignore", message=".*uses random weights.*")
+    logging.getLogger("fastkd").setLevel(logging.WARNING)
+    device = resolve_device(args.device)
+    variants = (
+        ALL_VARIANTS if args.variants == "all" else [v.strip() for v in args.variants.split(",")]
+    )
+    unknown = sorted(set(variants) - set(ALL_VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {ALL_VARIANTS}")
+    if BASELINE not in variants:
+        variants.insert(0, BASELINE)
+
+    probe = make_config(args, BASELINE)
+    probe_models = build_models(probe, args.num_classes, DistInfo(0, 1, 0, device))
+    flops_per_image = count_step_flops(
+        probe_models.student, probe_models.teacher, args.image_size, device
+    )
+    del probe_models
+    peak_flops = measure_peak_flops(device)
+    print(
+        f"{args.teacher} -> {args.student}, {args.image_size}px, batch {args.batch_size}, {device}: "
+        f"{flops_per_image / 1e9:.2f} GFLOP per image per step"
+        + (f"; bf16 matmul peak {peak_flops / 1e12:.0f} TFLOP/s" if peak_flops else ""),
+        flush=True,
+    )
+
+    results = []
+    for variant in variants:
+        row = bench_variant(args, variant, device, args.num_classes)
+        results.append(row)
+        print(
+            f"  {variant:<18} {row['img_per_s']:9.1f} img/s  (first step {row['first_step_s']:.1f}s)",
+            flush=True,
+        )
+    if args.root:
+        results.append(bench_end_to_end(args, device))
+    baseline = next(r for r in results if r["variant"] == BASELINE)["img_per_s"]
+    for row in results:
+        row["vs_baseline"] = row["img_per_s"] / baseline
+        row["tflops"] = row["img_per_s"] * flops_per_image / 1e12
+        if peak_flops:
+            row["mfu"] = row["img_per_s"] * flops_per_image / peak_flops
+    columns = [
+        "variant",
+        "precision",
+        "img_per_s",
+        "vs_baseline",
+        "step_ms",
+        "first_step_s",
+        "tflops",
+    ]
+    if peak_flops:
+        columns.append("mfu")
+    if args.root:
+        columns.append("data_wait_frac")
+    print(format_table(results, columns))
+    config = {k: v for k, v in vars(args).items() if k != "json"}
+    config.update(device=str(device), flops_per_image=flops_per_image, peak_flops=peak_flops)
+    write_json(args.json, "bench_train", config, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,634 @@
+"""The public loss API (fastkd.losses): values, gradients, edge cases, errors, compile, autocast.
+
+Every implementation is checked against ``wsld_float64``, an independent re-derivation of the
+math in float64 from elementary tensor ops, and against mmrazor's op sequence (``mmrazor_wsld``, re-implemented here).
+The fused-op tests run once per CPU kernel build (portable and AVX2) via ``cpu_capability``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+try:  # property tests use hypothesis where installed, else a seeded random sweep (GPU machine)
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:
+    given = None
+
+from fastkd.losses import (
+    LossTerms,
+    WSLDLoss,
+    fused_available,
+    kd_loss,
+    ops,
+    wsld,
+    wsld_ce_loss,
+    wsld_loss,
+)
+
+HAVE_FUSED = fused_available("cpu")
+needs_fused = pytest.mark.skipif(
+    not HAVE_FUSED, reason=f"fastkd._C is not built (run `{ops.BUILD_COMMAND}`)"
+)
+IMPLS = ["reference", pytest.param("fused", marks=needs_fused)]
+CAPABILITIES = (
+    ops.extension.cpu_capabilities.split(",") if ops.extension is not None else ["default"]
+)
+
+
+@pytest.fixture(params=["default", "avx2"])
+def cpu_capability(request, monkeypatch):
+    """Runs a test with each CPU build of the kernels (FASTKD_CPU_CAPABILITY)."""
+    if request.param not in CAPABILITIES:
+        pytest.skip(f"no {request.param} CPU kernel on this machine/build")
+    monkeypatch.setenv("FASTKD_CPU_CAPABILITY", request.param)
+    return request.param
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent references
+# ---------------------------------------------------------------------------------------------
+
+
+def _log_softmax64(x: torch.Tensor) -> torch.Tensor:
+    shifted = x - x.max(dim=1, keepdim=True).values
+    return shifted - shifted.exp().sum(dim=1, keepdim=True).log()
+
+
+def wsld_float64(s, t, y, *, tau, loss_weight, ce_weight=0.0) -> dict[str, torch.Tensor | float]:
+    """The DESIGN.md math in float64 from elementary ops, with the closed-form gradient of total."""
+    s = s.detach().double()
+    t = t.detach().double()
+    rows, classes = s.shape
+    rows_index = torch.arange(rows)
+    log_q = _log_softmax64(s / tau)
+    p = _log_softmax64(t / tau).exp()
+    soft_ce = -(p * log_q).sum(dim=1)
+    log_softmax_s = _log_softmax64(s)
+    ce_s = -log_softmax_s[rows_index, y]
+    ce_t = -_log_softmax64(t)[rows_index, y]
+    weight = 1.0 - torch.exp(-torch.clamp(ce_s / (ce_t + 1e-7), min=0.0))
+    n = max(rows, 1)
+    wsld_value = loss_weight * tau**2 * float((weight * soft_ce).sum()) / n
+    ce = float(ce_s.sum()) / n
+    onehot = torch.zeros(rows, classes, dtype=torch.float64)
+    onehot[rows_index, y] = 1.0
+    grad = (loss_weight * tau / n) * weight[:, None] * (log_q.exp() - p) + (ce_weight / n) * (
+        log_softmax_s.exp() - onehot
+    )
+    return {
+        "total": ce_weight * ce + wsld_value,
+        "wsld": wsld_value,
+        "ce": ce,
+        "weight_mean": float(weight.sum()) / n,
+        "weight": weight,
+        "grad": grad,
+    }
+
+
+def mmrazor_wsld(student, teacher, gt_labels, tau, loss_weight, num_classes):
+    """mmrazor's ``WSLD.forward`` op sequence (softmax modules, one_hot, torch.max, mean)."""
+    student_logits = student / tau
+    teacher_logits = teacher / tau
+    teacher_probs = F.softmax(teacher_logits, dim=1)
+    ce_loss = -torch.sum(teacher_probs * F.log_softmax(student_logits, dim=1), 1, keepdim=True)
+    log_softmax_s = F.log_softmax(student.detach(), dim=1)
+    log_softmax_t = F.log_softmax(teacher.detach(), dim=1)
+    one_hot_labels = F.one_hot(gt_labels, num_classes=num_classes).to(student.dtype)
+    ce_loss_s = -torch.sum(one_hot_labels * log_softmax_s, 1, keepdim=True)
+    ce_loss_t = -torch.sum(one_hot_labels * log_softmax_t, 1, keepdim=True)
+    focal_weight = ce_loss_s / (ce_loss_t + 1e-7)
+    focal_weight = torch.max(focal_weight, torch.zeros(1, dtype=student.dtype))
+    focal_weight = 1 - torch.exp(-focal_weight)
+    ce_loss = focal_weight * ce_loss
+    return loss_weight * (tau**2) * torch.mean(ce_loss)
+
+
+def make_batch(rows, classes, *, dtype=torch.float32, scale=3.0, seed=0, requires_grad=True):
+    gen = torch.Generator().manual_seed(seed)
+    student = (torch.randn(rows, classes, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    teacher = (torch.randn(rows, classes, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    labels = torch.randint(0, classes, (rows,), generator=gen)
+    return student.requires_grad_(requires_grad), teacher, labels
+
+
+def loss_and_grad(impl, student, teacher, labels, *, tau, loss_weight, ce_weight):
+    """``wsld_ce_loss`` terms and d total / d student for one implementation."""
+    student = student.detach().clone().requires_grad_(True)
+    terms = wsld_ce_loss(
+        student, teacher, labels, tau=tau, loss_weight=loss_weight, ce_weight=ce_weight, impl=impl
+    )
+    terms.total.backward()
+    return LossTerms(*(value.detach() for value in terms)), student.grad
+
+
+def assert_grad_close(actual, expected, *, rtol, atol_fraction):
+    """Elementwise closeness with an absolute slack scaled to the gradient's magnitude."""
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    actual = actual.double()
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol_fraction * scale + 1e-30)
+
+
+# ---------------------------------------------------------------------------------------------
+# Values and gradients against the float64 derivation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("tau", [1.0, 2.0, 4.0, 0.7])
+def test_matches_float64_derivation(impl, tau, cpu_capability):
+    student, teacher, labels = make_batch(64, 1000, seed=1)
+    terms, grad = loss_and_grad(
+        impl, student, teacher, labels, tau=tau, loss_weight=2.5, ce_weight=1.0
+    )
+    truth = wsld_float64(student, teacher, labels, tau=tau, loss_weight=2.5, ce_weight=1.0)
+    for name in ("total", "wsld", "ce", "weight_mean"):
+        value = getattr(terms, name)
+        assert value.dtype == torch.float32 and value.dim() == 0, name
+        assert float(value) == pytest.approx(truth[name], rel=2e-6), name
+    assert_grad_close(grad, truth["grad"], rtol=1e-4, atol_fraction=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_float64_inputs_are_exact(impl, cpu_capability):
+    student, teacher, labels = make_batch(16, 50, dtype=torch.float64, seed=2)
+    terms, grad = loss_and_grad(
+        impl, student, teacher, labels, tau=3.0, loss_weight=1.5, ce_weight=0.5
+    )
+    truth = wsld_float64(student, teacher, labels, tau=3.0, loss_weight=1.5, ce_weight=0.5)
+    assert terms.total.dtype == torch.float64
+    assert float(terms.total) == pytest.approx(truth["total"], rel=1e-12)
+    assert float(terms.weight_mean) == pytest.approx(truth["weight_mean"], rel=1e-12)
+    assert_grad_close(grad, truth["grad"], rtol=1e-9, atol_fraction=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_equals_mmrazor(impl, cpu_capability):
+    """The WSLD value and its student gradient equal mmrazor's op sequence (float64)."""
+    student, teacher, labels = make_batch(32, 100, dtype=torch.float64, seed=3)
+    for tau, loss_weight in [(2.0, 2.5), (4.0, 2.25), (1.0, 1.0)]:
+        s_ref = student.detach().clone().requires_grad_(True)
+        expected = mmrazor_wsld(s_ref, teacher, labels, tau, loss_weight, num_classes=100)
+        expected.backward()
+        s_ours = student.detach().clone().requires_grad_(True)
+        ours = wsld_loss(s_ours, teacher, labels, tau=tau, loss_weight=loss_weight, impl=impl)
+        ours.backward()
+        assert ours.detach().item() == pytest.approx(expected.detach().item(), rel=1e-12)
+        torch.testing.assert_close(s_ours.grad, s_ref.grad, rtol=1e-9, atol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-computed cases
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("classes", [1, 2, 10, 1000])
+def test_uniform_logits_closed_form(impl, classes, cpu_capability):
+    """Constant rows: q = p = 1/C, ce_i = CE_s = CE_t = log C, so w = 1 - exp(-logC/(logC+1e-7))."""
+    rows, tau, loss_weight, ce_weight = 5, 2.0, 2.5, 1.0
+    student = torch.full((rows, classes), 0.3)
+    teacher = torch.full((rows, classes), -1.7)
+    labels = torch.arange(rows) % classes
+    terms, grad = loss_and_grad(
+        impl, student, teacher, labels, tau=tau, loss_weight=loss_weight, ce_weight=ce_weight
+    )
+    log_c = math.log(classes)
+    weight = 1 - math.exp(-(log_c / (log_c + 1e-7))) if classes > 1 else 0.0
+    assert float(terms.weight_mean) == pytest.approx(weight, rel=1e-6, abs=1e-7)
+    assert float(terms.wsld) == pytest.approx(loss_weight * tau**2 * weight * log_c, rel=1e-6)
+    assert float(terms.ce) == pytest.approx(log_c, rel=1e-6, abs=1e-7)
+    # The WSLD gradient vanishes (q = p); the CE gradient is (1/C - onehot) / N.
+    expected = (torch.full((rows, classes), 1 / classes) - F.one_hot(labels, classes)) / rows
+    torch.testing.assert_close(grad, expected.float() * ce_weight, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_confident_teacher(impl, cpu_capability):
+    """A teacher certain of the label: CE_t = 0, so w = 1 (student unsure) or 0 (student sure)."""
+    classes = 7
+    labels = torch.tensor([3, 0])
+    teacher = torch.zeros(2, classes)
+    teacher[torch.arange(2), labels] = 1e4
+    student = torch.tensor([[0.5, -1.0, 2.0, 1.0, 0.0, 0.3, -0.2], [1e4, 0, 0, 0, 0, 0, 0.0]])
+    tau = 2.0
+    terms, grad = loss_and_grad(
+        impl, student, teacher, labels, tau=tau, loss_weight=1.0, ce_weight=0.0
+    )
+    # Row 0: w = 1, p = onehot(3), ce_0 = -log q_3 at tau. Row 1: CE_s = 0 -> ratio 0 -> w = 0.
+    log_q = F.log_softmax(student[0].double() / tau, dim=0)
+    expected = tau**2 * float(-log_q[3]) / 2
+    assert float(terms.wsld) == pytest.approx(expected, rel=1e-6)
+    assert float(terms.weight_mean) == pytest.approx(0.5, abs=1e-7)
+    q0 = log_q.exp()
+    expected_grad_row0 = (tau / 2) * (q0 - F.one_hot(torch.tensor(3), classes).double())
+    torch.testing.assert_close(grad[0].double(), expected_grad_row0, rtol=1e-5, atol=1e-7)
+    assert torch.all(grad[1] == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_two_classes_closed_form(impl, cpu_capability):
+    """C = 2 reduces to logistic functions of the logit gaps."""
+    a, b, c, d = 1.3, -0.4, 0.2, 2.1  # student [a, b], teacher [c, d], label 0
+    tau, loss_weight = 3.0, 2.0
+    student = torch.tensor([[a, b]])
+    teacher = torch.tensor([[c, d]])
+    labels = torch.tensor([0])
+
+    def log_sigmoid(x: float) -> float:
+        return -math.log1p(math.exp(-x))
+
+    ce_s = -log_sigmoid(a - b)
+    ce_t = -log_sigmoid(c - d)
+    p0 = 1 / (1 + math.exp(-(c - d) / tau))
+    soft = -(p0 * log_sigmoid((a - b) / tau) + (1 - p0) * log_sigmoid((b - a) / tau))
+    weight = 1 - math.exp(-(ce_s / (ce_t + 1e-7)))
+    value = wsld_loss(student, teacher, labels, tau=tau, loss_weight=loss_weight, impl=impl)
+    assert float(value) == pytest.approx(loss_weight * tau**2 * weight * soft, rel=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_single_class_is_zero(impl, cpu_capability):
+    student, teacher, labels = make_batch(4, 1, seed=4)
+    terms, grad = loss_and_grad(impl, student, teacher, labels, tau=2.0, loss_weight=1, ce_weight=1)
+    assert float(terms.total) == 0.0 and float(terms.weight_mean) == 0.0
+    assert torch.all(grad == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_batch_is_zero(impl, cpu_capability):
+    """N = 0 is defined as 0 (mmrazor's empty mean would be NaN; see wsld.py)."""
+    student, teacher, labels = make_batch(0, 10)
+    terms, grad = loss_and_grad(impl, student, teacher, labels, tau=2.0, loss_weight=1, ce_weight=1)
+    assert [float(v) for v in terms] == [0.0, 0.0, 0.0, 0.0]
+    assert grad.shape == (0, 10)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_logits(impl, dtype, cpu_capability):
+    """Logits around +-1e4 stay finite and exact (max subtraction before exp)."""
+    student, teacher, labels = make_batch(8, 300, dtype=torch.float64, seed=5)
+    student = (student.detach().sign() * 1e4 + student.detach()).to(dtype)
+    teacher = (teacher.sign() * 1e4 - teacher).to(dtype)
+    terms, grad = loss_and_grad(impl, student, teacher, labels, tau=2.0, loss_weight=1, ce_weight=1)
+    truth = wsld_float64(student, teacher, labels, tau=2.0, loss_weight=1, ce_weight=1)
+    assert torch.isfinite(terms.total) and torch.isfinite(grad).all()
+    assert float(terms.total) == pytest.approx(truth["total"], rel=1e-5)
+    assert_grad_close(grad.float(), truth["grad"], rtol=1e-2, atol_fraction=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused against reference: random shapes, dtypes, layouts
+# ---------------------------------------------------------------------------------------------
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# Gradient tolerance relative to max |grad|: one rounding of the logits' dtype, else fp32 noise.
+_GRAD_TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _layout(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """The same values in another memory layout (contiguous, transposed, strided, offset)."""
+    if kind == "transposed":
+        return x.t().contiguous().t()
+    if kind == "strided":
+        wide = torch.zeros(x.shape[0], 2 * x.shape[1] + 1, dtype=x.dtype)
+        wide[:, 1::2] = x
+        return wide[:, 1::2]
+    if kind == "offset":  # a view one element into its storage: unaligned rows
+        flat = torch.zeros(x.numel() + 1, dtype=x.dtype)
+        flat[1:] = x.reshape(-1)
+        return flat[1:].view(x.shape)
+    return x
+
+
+CHECKED_CASES: list[tuple] = []  # lets a run confirm the sweep really executed its cases
+_PROPERTY_SPACE = {
+    "rows": list(range(0, 25)),
+    "classes": [1, 2, 3, 7, 8, 9, 16, 31, 100, 257, 1000, 1031, 2100],
+    "dtype": _DTYPES,
+    "tau": [1.0, 2.0, 4.0, 0.5, 1.7],
+    "scale": [0.1, 3.0, 30.0],
+    "layout": ["contiguous", "transposed", "strided", "offset"],
+    "ce_weight": [0.0, 1.0, 0.3],
+}
+
+
+def check_fused_matches_reference(rows, classes, dtype, tau, scale, layout, ce_weight, seed):
+    CHECKED_CASES.append((rows, classes, dtype, layout))
+    student, teacher, labels = make_batch(rows, classes, dtype=dtype, scale=scale, seed=seed)
+    student = _layout(student.detach(), layout)
+    teacher = _layout(teacher, layout)
+    labels = labels.repeat_interleave(2)[::2]  # non-contiguous labels too
+    kwargs = {"tau": tau, "loss_weight": 2.5, "ce_weight": ce_weight}
+    fused, fused_grad = loss_and_grad("fused", student, teacher, labels, **kwargs)
+    ref, ref_grad = loss_and_grad("reference", student, teacher, labels, **kwargs)
+    value_rtol = 1e-12 if dtype == torch.float64 else 2e-6
+    for name in LossTerms._fields:
+        torch.testing.assert_close(
+            getattr(fused, name), getattr(ref, name), rtol=value_rtol, atol=1e-7, msg=name
+        )
+    assert fused_grad.dtype == dtype and fused_grad.shape == student.shape
+    tol = _GRAD_TOL[dtype]
+    # Absolute floors: q - p cancels when both are near 1, leaving a few ulps of the accumulate
+    # type times the gradient's prefactor; below fp16's normal range, the subnormal spacing.
+    acc_eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    cancellation = 8 * acc_eps * (2.5 * tau + ce_weight) / max(rows, 1)
+    info = torch.finfo(dtype)
+    subnormal = 2 * info.smallest_normal * info.eps
+    scale = float(ref_grad.abs().max()) if ref_grad.numel() else 0.0
+    torch.testing.assert_close(
+        fused_grad.double(),
+        ref_grad.double(),
+        rtol=tol,
+        atol=tol * scale + cancellation + subnormal,
+    )
+
+
+if given is not None:
+
+    @needs_fused
+    @settings(
+        max_examples=60,
+        deadline=None,
+        database=None,  # no .hypothesis/ folder in the checkout
+        derandomize=True,  # the same examples in every CI run
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
+    @given(
+        rows=st.sampled_from(_PROPERTY_SPACE["rows"]),
+        classes=st.sampled_from(_PROPERTY_SPACE["classes"]),
+        dtype=st.sampled_from(_PROPERTY_SPACE["dtype"]),
+        tau=st.sampled_from(_PROPERTY_SPACE["tau"]),
+        scale=st.sampled_from(_PROPERTY_SPACE["scale"]),
+        layout=st.sampled_from(_PROPERTY_SPACE["layout"]),
+        ce_weight=st.sampled_from(_PROPERTY_SPACE["ce_weight"]),
+        seed=st.integers(0, 2**16),
+    )
+    def test_fused_matches_reference(
+        cpu_capability, rows, classes, dtype, tau, scale, layout, ce_weight, seed
+    ):
+        check_fused_matches_reference(rows, classes, dtype, tau, scale, layout, ce_weight, seed)
+
+else:
+
+    @needs_fused
+    def test_fused_matches_reference(cpu_capability):
+        rng = random.Random(0)
+        for _ in range(60):
+            case = {name: rng.choice(values) for name, values in _PROPERTY_SPACE.items()}
+            check_fused_matches_reference(**case, seed=rng.randrange(2**16))
+
+
+@needs_fused
+def test_mixed_dtypes_promote(cpu_capability):
+    """A bfloat16 student with a float32 teacher computes at float32; grad stays bfloat16."""
+    student, teacher, labels = make_batch(6, 40, dtype=torch.bfloat16, seed=6)
+    teacher = teacher.float() + 0.01
+    kwargs = {"tau": 2.0, "loss_weight": 1.0, "ce_weight": 1.0}
+    fused, fused_grad = loss_and_grad("fused", student, teacher, labels, **kwargs)
+    ref, ref_grad = loss_and_grad("reference", student, teacher, labels, **kwargs)
+    torch.testing.assert_close(fused.total, ref.total, rtol=2e-6, atol=0)
+    assert fused_grad.dtype == torch.bfloat16
+    assert_grad_close(fused_grad, ref_grad, rtol=1e-2, atol_fraction=1e-2)
+
+
+@needs_fused
+def test_deterministic(cpu_capability):
+    student, teacher, labels = make_batch(100, 500, seed=7)
+    first, grad_first = loss_and_grad(
+        "fused", student, teacher, labels, tau=2, loss_weight=1, ce_weight=1
+    )
+    second, grad_second = loss_and_grad(
+        "fused", student, teacher, labels, tau=2, loss_weight=1, ce_weight=1
+    )
+    assert torch.equal(first.total, second.total) and torch.equal(grad_first, grad_second)
+
+
+# ---------------------------------------------------------------------------------------------
+# API contract
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["auto", *IMPLS])
+def test_loss_terms_contract(impl):
+    student, teacher, labels = make_batch(8, 20, seed=8)
+    teacher.requires_grad_(True)
+    terms = wsld_ce_loss(
+        student, teacher, labels, tau=2.0, loss_weight=2.5, ce_weight=1.0, impl=impl
+    )
+    assert isinstance(terms, LossTerms)
+    assert terms.total.requires_grad
+    for name in ("ce", "wsld", "weight_mean"):
+        value = getattr(terms, name)
+        assert not value.requires_grad and value.dim() == 0 and value.dtype == torch.float32
+    torch.testing.assert_close(terms.total, terms.ce * 1.0 + terms.wsld)
+    terms.total.backward()
+    assert student.grad is not None
+    assert teacher.grad is None  # the teacher never gets a gradient
+    wsld_only = wsld_loss(student, teacher, labels, tau=2.0, loss_weight=2.5, impl=impl)
+    torch.testing.assert_close(wsld_only, terms.wsld, rtol=1e-6, atol=0)
+
+
+def test_module_form():
+    student, teacher, labels = make_batch(8, 20, seed=9)
+    module = WSLDLoss(tau=2.0, loss_weight=2.5)
+    assert "tau=2.0" in repr(module)
+    torch.testing.assert_close(
+        module(student, teacher, labels),
+        wsld_loss(student, teacher, labels, tau=2.0, loss_weight=2.5, impl="reference"),
+        rtol=2e-6,
+        atol=0,
+    )
+    with pytest.raises(ValueError, match="impl must be one of"):
+        WSLDLoss(impl="triton")
+
+
+def test_auto_uses_fused_when_built():
+    assert wsld._use_fused("auto", torch.zeros(1, 1)) == HAVE_FUSED
+    assert wsld._use_fused("reference", torch.zeros(1, 1)) is False
+
+
+def test_fused_without_extension_raises(monkeypatch):
+    monkeypatch.setattr(ops, "extension", None)
+    monkeypatch.setattr(ops, "_FUSED_DEVICE_TYPES", frozenset())
+    student, teacher, labels = make_batch(4, 5)
+    with pytest.raises(RuntimeError, match="pip install --no-build-isolation -e ."):
+        wsld_loss(student, teacher, labels, impl="fused")
+    # auto falls back to the reference implementation.
+    expected = wsld_loss(student, teacher, labels, impl="reference")
+    torch.testing.assert_close(wsld_loss(student, teacher, labels, impl="auto"), expected)
+
+
+@pytest.mark.slow
+def test_missing_extension_warns_once_and_falls_back():
+    code = (
+        "import sys, warnings; sys.modules['fastkd._C'] = None\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torch; from fastkd.losses import wsld_loss, fused_available\n"
+        "    import fastkd.losses.ops\n"
+        "    s = torch.randn(3, 4); y = torch.tensor([0, 1, 2])\n"
+        "    wsld_loss(s, s, y); wsld_loss(s, s, y)\n"
+        "msgs = [str(w.message) for w in caught if 'fastkd._C' in str(w.message)]\n"
+        "assert len(msgs) == 1 and 'pip install --no-build-isolation -e .' in msgs[0], msgs\n"
+        "assert not fused_available('cpu')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    ("mutate", "error", "match"),
+    [
+        (lambda s, t, y: (s, t, y + 100), ValueError, "out of range|must lie in"),
+        (lambda s, t, y: (s, t, y - 100), ValueError, "out of range|must lie in"),
+        (lambda s, t, y: (s, t, y.float()), TypeError, "integer"),
+        (lambda s, t, y: (s, t, y.bool()), TypeError, "integer"),
+        (lambda s, t, y: (s, t[:, :-1], y), ValueError, "shape"),
+        (lambda s, t, y: (s, t, y[:-1]), ValueError, "labels must have shape"),
+        (lambda s, t, y: (s[0], t[0], y), ValueError, "2-D"),
+        (lambda s, t, y: (s[:, :0], t[:, :0], y), ValueError, "at least one class"),
+        (lambda s, t, y: (s.int(), t, y), TypeError, "float32, float16, bfloat16 or float64"),
+        (lambda s, t, y: (s, t, y.to("meta")), ValueError, "one device"),
+    ],
+)
+def test_bad_inputs_raise_clearly(impl, mutate, error, match):
+    student, teacher, labels = make_batch(4, 6, requires_grad=False)
+    student, teacher, labels = mutate(student, teacher, labels)
+    with pytest.raises(error, match=match):
+        wsld_ce_loss(student, teacher, labels, tau=2.0, loss_weight=1.0, ce_weight=1.0, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("tau", [0.0, -1.0, float("inf"), float("nan")])
+def test_bad_tau_raises(impl, tau):
+    student, teacher, labels = make_batch(2, 3)
+    with pytest.raises(ValueError, match="tau"):
+        wsld_loss(student, teacher, labels, tau=tau, impl=impl)
+
+
+def test_bad_impl_raises():
+    student, teacher, labels = make_batch(2, 3)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        wsld_loss(student, teacher, labels, impl="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# Autocast, torch.compile, KD
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_autocast_bfloat16_logits_give_float32_loss(impl):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 10)
+    features = torch.randn(8, 16)
+    teacher = torch.randn(8, 10)
+    labels = torch.randint(0, 10, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(features)
+        assert logits.dtype == torch.bfloat16
+        terms = wsld_ce_loss(
+            logits, teacher.bfloat16(), labels, tau=2.0, loss_weight=2.5, ce_weight=1.0, impl=impl
+        )
+    assert terms.total.dtype == torch.float32
+    terms.total.backward()
+    assert head.weight.grad is not None and torch.isfinite(head.weight.grad).all()
+    expected = wsld_ce_loss(
+        logits.detach(),
+        teacher.bfloat16(),
+        labels,
+        tau=2.0,
+        loss_weight=2.5,
+        ce_weight=1.0,
+        impl="reference",
+    )
+    torch.testing.assert_close(terms.total, expected.total, rtol=2e-6, atol=0)
+
+
+def _compiled_step(impl: str):
+    def step(student_logits, teacher_logits, labels):
+        terms = wsld_ce_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            tau=2.0,
+            loss_weight=2.5,
+            ce_weight=1.0,
+            impl=impl,
+        )
+        wsld_value = wsld_loss(student_logits, teacher_logits, labels, 2.0, 2.5, impl=impl)
+        return terms.total + 0.0 * wsld_value, terms.wsld, terms.weight_mean
+
+    return step
+
+
+@pytest.mark.parametrize(
+    ("impl", "backend"),
+    [
+        pytest.param("fused", "aot_eager", marks=needs_fused),
+        pytest.param("fused", "inductor", marks=[needs_fused, pytest.mark.slow]),
+        ("reference", "aot_eager"),
+        ("auto", "aot_eager"),
+    ],
+)
+def test_compile_fullgraph_matches_eager(impl, backend):
+    torch._dynamo.reset()
+    step = _compiled_step(impl)
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    student, teacher, labels = make_batch(16, 100, seed=10)
+    eager_out = step(student, teacher, labels)
+    (eager_grad,) = torch.autograd.grad(eager_out[0], student)
+    compiled_out = compiled(student, teacher, labels)
+    (compiled_grad,) = torch.autograd.grad(compiled_out[0], student)
+    for a, b in zip(compiled_out, eager_out, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-6, atol=1e-8)
+
+
+def test_kd_loss():
+    student, teacher, labels = make_batch(12, 30, seed=11)
+    tau, loss_weight = 4.0, 0.9
+    value = kd_loss(student, teacher, tau=tau, loss_weight=loss_weight)
+    expected_input = student.detach()
+    expected = (
+        F.kl_div(
+            F.log_softmax(expected_input.double() / tau, 1),
+            F.log_softmax(teacher.double() / tau, 1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * loss_weight
+        * tau**2
+    )
+    assert value.dtype == torch.float32
+    assert value.detach().item() == pytest.approx(expected.item(), rel=1e-5)
+    value.backward()
+    assert student.grad is not None
+    assert float(kd_loss(student[:0], teacher[:0]).detach()) == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        kd_loss(student, teacher[:, :-1])
+
+
+def test_env_capability_validation(monkeypatch):
+    if not HAVE_FUSED:
+        pytest.skip("fastkd._C is not built")
+    monkeypatch.setenv("FASTKD_CPU_CAPABILITY", "avx512")
+    student, teacher, labels = make_batch(2, 3)
+    with pytest.raises(ValueError, match="FASTKD_CPU_CAPABILITY"):
+        wsld_loss(student, teacher, labels, impl="fused")

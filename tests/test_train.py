@@ -1,0 +1,287 @@
+"""End-to-end trainer behaviour on the tiny synthetic set: learning, run files, resume, eval, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+import yaml
+
+from fastkd import checkpoint as ckpt_io
+from fastkd.config import ConfigError, load_config
+from fastkd.distributed import DistInfo
+from fastkd.engine import evaluate, resolve_precision, train_step
+from fastkd.eval import evaluate_checkpoint
+from fastkd.eval import main as eval_main
+from fastkd.logging import MetricsWriter, read_metrics
+from fastkd.models import ModelError
+from fastkd.train import build_models, build_train_state, run
+
+REPO = Path(__file__).resolve().parent.parent
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def write_config(tmp_path: Path, root: Path, **sections) -> Path:
+    """A small CPU config on ``root``; keyword arguments replace whole sections' keys."""
+    data = {
+        "run": {"dir": str(tmp_path / "run"), "seed": 0},
+        "data": {
+            "root": str(root),
+            "image_size": 32,
+            "val_resize": 36,
+            "batch_size": 8,
+            "workers": 1,
+        },
+        "teacher": {"arch": "resnet18", "weights": "random"},
+        "student": {"arch": "resnet18"},
+        "loss": {"kind": "ce"},
+        "optim": {"lr": 0.05},
+        "sched": {"kind": "constant"},
+        "train": {"epochs": 2, "compile": False, "log_every": 1, "amp": "off"},
+    }
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["ce", "kd", "wsld"])
+def test_steps_lower_the_loss_on_a_fixed_batch(kind, tiny_imagefolder, tmp_path):
+    """A handful of SGD steps on one batch must reduce the objective (every loss kind).
+
+    The learning rate is small because train-mode BatchNorm on 8 random images makes a ResNet's
+    logits very sensitive to its weights (plain PyTorch oscillates there at lr 0.01 too).
+    """
+    cfg = load_config(
+        write_config(
+            tmp_path, tiny_imagefolder, loss={"kind": kind, "tau": 2.0}, optim={"lr": 0.001}
+        )
+    )
+    precision = resolve_precision("off", CPU.device)
+    models = build_models(cfg, 4, CPU)
+    state = build_train_state(
+        cfg,
+        models,
+        dist=CPU,
+        precision=precision,
+        steps_per_epoch=10,
+        metrics=MetricsWriter(tmp_path, enabled=False),
+    )
+    torch.manual_seed(0)
+    images = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    labels = torch.arange(8) % 4
+    losses = [float(train_step(state, images, labels)[0]["loss"]) for _ in range(10)]
+    assert losses[-1] < 0.7 * losses[0], losses
+    if kind != "ce":
+        # The teacher is frozen: no gradients, eval mode, weights unchanged by the steps.
+        assert all(p.grad is None and not p.requires_grad for p in models.teacher.parameters())
+        assert not models.teacher.training
+
+
+def test_training_writes_the_run_folder(tiny_imagefolder, tmp_path):
+    config = write_config(tmp_path, tiny_imagefolder, loss={"kind": "wsld"}, train={"epochs": 2})
+    summary = run(load_config(config))
+    run_dir = tmp_path / "run"
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "last.pt",
+        "best.pt",
+        "student.pt",
+        "summary.json",
+    ):
+        assert (run_dir / name).is_file(), name
+    # config.yaml is the fully resolved config and loads back to the same thing.
+    assert load_config(run_dir / "config.yaml") == load_config(config)
+    records = read_metrics(run_dir)
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    for r in epochs:
+        assert 0.0 <= r["top1"] <= r["top5"] <= 1.0
+        assert r["loss"] > 0 and r["img_per_s"] > 0
+    steps = [r for r in records if r["event"] == "step"]
+    assert steps and all(
+        {"lr", "loss", "ce", "wsld", "wsld_weight", "img_per_s", "data_wait_frac"} <= r.keys()
+        for r in steps
+    )
+    assert all(0.0 <= r["wsld_weight"] <= 1.0 for r in steps)
+    # student.pt loads straight into the torchvision model and reproduces the summary's accuracy.
+    model = torchvision.models.resnet18(num_classes=4)
+    model.load_state_dict(torch.load(run_dir / "student.pt", weights_only=True))
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk["top1"] == pytest.approx(summary["top1"])
+    assert on_disk["num_val_images"] == 20
+    # last.pt is a full training checkpoint.
+    state = ckpt_io.load_checkpoint(run_dir / "last.pt")
+    assert state["epoch"] == 2 and state["classes"] == summary["classes"]
+    assert {"optimizer", "scheduler", "student", "config"} <= state.keys()
+
+
+def test_eval_counts_every_image_once_with_an_odd_batch(tiny_imagefolder, tmp_path):
+    config = write_config(tmp_path, tiny_imagefolder, train={"epochs": 1})
+    run(load_config(config))
+    out = tmp_path / "eval.json"
+    # 20 validation images, batch 3: the last batch holds 2.
+    code = eval_main(
+        ["--config", str(config), "data.val_batch_size=3", "--checkpoint", str(tmp_path / "run" / "student.pt"),
+         "--json", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["num_images"] == 20
+    assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
+    # The same weights evaluated through last.pt and with another batch size agree exactly.
+    again = evaluate_checkpoint(
+        load_config(config, ["data.val_batch_size=7"]), tmp_path / "run" / "last.pt"
+    )
+    assert again["num_images"] == 20
+    assert again["top1"] == pytest.approx(result["top1"]) and again["top5"] == pytest.approx(
+        result["top5"]
+    )
+
+
+def test_eval_matches_a_manual_count(tiny_imagefolder, tmp_path):
+    """fastkd.eval's top-1 equals an argmax count over the torch loader's validation images."""
+    from fastkd.data import build_val_loader
+
+    config = write_config(tmp_path, tiny_imagefolder, train={"epochs": 1})
+    run(load_config(config))
+    cfg = load_config(config, ["data.backend=torch", "data.val_batch_size=5"])
+    model = torchvision.models.resnet18(num_classes=4)
+    model.load_state_dict(torch.load(tmp_path / "run" / "student.pt", weights_only=True))
+    model.eval()
+    hits = total = 0
+    loader = build_val_loader(cfg.data, device=torch.device("cpu"))
+    with torch.no_grad():
+        for images, labels in loader:
+            hits += int((model(images).argmax(1) == labels).sum())
+            total += len(labels)
+    loader.close()
+    result = evaluate_checkpoint(cfg, tmp_path / "run" / "student.pt")
+    assert total == result["num_images"] == 20
+    assert result["top1"] == pytest.approx(hits / total)
+
+
+def test_existing_run_is_never_overwritten_and_resume_continues(tiny_imagefolder, tmp_path):
+    config = write_config(tmp_path, tiny_imagefolder, train={"epochs": 1})
+    run(load_config(config))
+    before = (tmp_path / "run" / "student.pt").read_bytes()
+    with pytest.raises(ConfigError, match="run.resume=auto"):
+        run(load_config(config))
+    assert (tmp_path / "run" / "student.pt").read_bytes() == before
+    summary = run(load_config(config, ["run.resume=auto", "train.epochs=2"]))
+    epochs = [r["epoch"] for r in read_metrics(tmp_path / "run") if r["event"] == "epoch"]
+    assert epochs == [1, 2]  # the second run continued at epoch 2 instead of starting over
+    assert ckpt_io.load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
+    assert summary["epochs"] == 2
+
+
+def test_resume_from_a_non_checkpoint_is_a_clear_error(tiny_imagefolder, tmp_path):
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    config = write_config(tmp_path, tiny_imagefolder, run={"resume": str(bogus)})
+    with pytest.raises(ckpt_io.CheckpointError, match="bogus.pt"):
+        run(load_config(config))
+
+
+def test_teacher_with_the_wrong_class_count_is_refused(tiny_imagefolder, tmp_path):
+    weights = tmp_path / "teacher10.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), weights)
+    config = write_config(
+        tmp_path, tiny_imagefolder, loss={"kind": "wsld"}, teacher={"weights": str(weights)}
+    )
+    with pytest.raises(ModelError, match="10 classes"):
+        run(load_config(config))
+
+
+def test_teacher_architecture_mismatch_is_refused(tiny_imagefolder, tmp_path):
+    weights = tmp_path / "teacher.pt"
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), weights)
+    config = write_config(
+        tmp_path,
+        tiny_imagefolder,
+        loss={"kind": "wsld"},
+        teacher={"arch": "resnet34", "weights": str(weights)},
+    )
+    with pytest.raises(ModelError, match="teacher.arch"):
+        run(load_config(config))
+
+
+def test_trained_teacher_is_loaded_and_evaluated(tiny_imagefolder, tmp_path):
+    """A ce run's student.pt serves as the next run's teacher, and its accuracy is reported."""
+    teacher_cfg = write_config(tmp_path / "t", tiny_imagefolder, train={"epochs": 1})
+    teacher_summary = run(load_config(teacher_cfg))
+    student_cfg = write_config(
+        tmp_path / "s", tiny_imagefolder, loss={"kind": "wsld"},
+        teacher={"weights": str(tmp_path / "t" / "run" / "student.pt")}, train={"epochs": 1},
+    )  # fmt: skip
+    summary = run(load_config(student_cfg))
+    assert summary["teacher_top1"] == pytest.approx(teacher_summary["top1"], abs=1e-6)
+
+
+def test_evaluate_of_a_model_on_the_loader_counts_once(tiny_imagefolder, tmp_path):
+    from fastkd.data import build_val_loader
+
+    cfg = load_config(write_config(tmp_path, tiny_imagefolder), ["data.val_batch_size=6"])
+    loader = build_val_loader(cfg.data, device=torch.device("cpu"))
+    model = torchvision.models.resnet18(num_classes=4)
+    result = evaluate(model, loader, resolve_precision("off", CPU.device), CPU.device)
+    loader.close()
+    assert result["num_images"] == 20
+
+
+def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["data.batchsize=3"], "did you mean 'data.batch_size'"),
+        (["data.root=/nonexistent/imagenet"], "/nonexistent/imagenet"),
+        (["student.arch=resnet19"], "resnet19"),
+        (["loss.kind=wsld", "teacher.weights=/nonexistent/teacher.pt"], "/nonexistent/teacher.pt"),
+    ],
+)
+def test_cli_user_errors_are_one_line(tiny_imagefolder, tmp_path, args, fragment):
+    config = write_config(tmp_path, tiny_imagefolder)
+    result = run_cli("fastkd.train", "--config", str(config), *args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("fastkd: error:")]
+    assert len(error_lines) == 1 and fragment in error_lines[0], result.stderr
+
+
+def test_cli_missing_config_file(tmp_path):
+    result = run_cli("fastkd.train", "--config", str(tmp_path / "nope.yaml"))
+    assert (
+        result.returncode == 2 and "nope.yaml" in result.stderr and "Traceback" not in result.stderr
+    )
+
+
+def test_cli_eval_missing_checkpoint(tiny_imagefolder, tmp_path):
+    config = write_config(tmp_path, tiny_imagefolder)
+    result = run_cli(
+        "fastkd.eval", "--config", str(config), "--checkpoint", str(tmp_path / "missing.pt")
+    )
+    assert (
+        result.returncode == 2
+        and "missing.pt" in result.stderr
+        and "Traceback" not in result.stderr
+    )
+
+
+def test_print_config(tiny_imagefolder, tmp_path):
+    config = write_config(tmp_path, tiny_imagefolder)
+    result = run_cli("fastkd.train", "--config", str(config), "optim.lr=0.3", "--print-config")
+    assert result.returncode == 0
+    assert yaml.safe_load(result.stdout)["optim"]["lr"] == 0.3
