@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastkd.config import load_config
+from fastkd.config import Config, ConfigError, load_config
 from fastkd.train import run, user_errors
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -41,6 +41,14 @@ def run_stages(
         if name == "wsld":
             overrides.append(f"teacher.weights={teacher_weights}")
         cfg = load_config(configs / config_file, overrides + extra)
+        finished = _finished_summary(cfg)
+        if finished is not None:
+            print(
+                f"\n== quickstart stage {name}: reusing the finished run in {cfg.run.dir}",
+                flush=True,
+            )
+            summaries.append({**finished, "stage": name, "wall_s": None})
+            continue
         print(
             f"\n== quickstart stage {name}: python -m fastkd.train --config configs/{config_file} {' '.join(overrides + extra)}",
             flush=True,
@@ -53,15 +61,29 @@ def run_stages(
     return summaries
 
 
+def _finished_summary(cfg: Config) -> dict[str, Any] | None:
+    """The summary of a finished run of exactly ``cfg`` in ``cfg.run.dir``, or None."""
+    run_dir = Path(cfg.run.dir)
+    try:
+        same_config = load_config(run_dir / "config.yaml") == cfg
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (ConfigError, OSError, ValueError):
+        return None
+    if not same_config or summary.get("epochs") != cfg.train.epochs:
+        return None
+    return summary
+
+
 def format_report(summaries: list[dict[str, Any]]) -> str:
     """The closing table: one row per stage plus the WSLD gain over the baseline."""
     header = f"{'stage':<9} {'model':<16} {'loss':<5} {'top-1':>7} {'top-5':>7} {'img/s':>7} {'time':>7}  run folder"
     lines = [header, "-" * len(header)]
     for s in summaries:
         img_per_s = f"{s['img_per_s']:.0f}" if s.get("img_per_s") else "-"
+        wall = "reused" if s.get("wall_s") is None else f"{s['wall_s']:.0f}s"
         lines.append(
             f"{s['stage']:<9} {s['student_arch']:<16} {s['loss']:<5} {s['top1']:>7.4f} {s['top5']:>7.4f} "
-            f"{img_per_s:>7} {s['wall_s']:>6.0f}s  {s['run_dir']}"
+            f"{img_per_s:>7} {wall:>7}  {s['run_dir']}"
         )
     by_stage = {s["stage"]: s for s in summaries}
     if {"baseline", "wsld", "teacher"} <= by_stage.keys():

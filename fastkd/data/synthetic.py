@@ -47,7 +47,7 @@ from fastkd.data.folder import DataError, ImageFolderIndex, scan_imagefolder
 
 MARKER_NAME = ".fastkd_synthetic.json"
 # Bump when the rendering changes: a set written by another version must not pass for this one.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: stripe periods scale with the image size
 JPEG_QUALITY = 90
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "star")
@@ -221,7 +221,10 @@ def render_image(spec: ClassSpec, rng: np.random.Generator, size: int) -> np.nda
         (size, size), Image.Resampling.BICUBIC
     )
     canvas = np.asarray(field, dtype=np.float32) / 255.0
-    faint = _stripes(xx, yy, rng.uniform(0.0, 180.0), rng.uniform(4.0, 12.0), rng.uniform(0, 6.3))
+    # Stripe periods scale with the image, so the cue survives any generated size.
+    faint = _stripes(
+        xx, yy, rng.uniform(0.0, 180.0), size * rng.uniform(0.06, 0.17), rng.uniform(0, 6.3)
+    )
     canvas *= (1.0 - rng.uniform(0.0, 0.12) * faint)[..., None]
 
     def distractor() -> None:
@@ -229,7 +232,7 @@ def render_image(spec: ClassSpec, rng: np.random.Generator, size: int) -> np.nda
         if rng.random() < 0.7:
             stripes = (
                 rng.uniform(0, 180),
-                rng.uniform(4, 9),
+                size * rng.uniform(0.06, 0.13),
                 rng.uniform(0, 2 * math.pi),
                 rng.uniform(0.25, 0.6),
             )
@@ -264,7 +267,7 @@ def render_image(spec: ClassSpec, rng: np.random.Generator, size: int) -> np.nda
         colour=_colour(rng, HUES[spec.colour], 10.0),
         stripes=(
             spec.orientation + rng.uniform(-12.0, 12.0),
-            rng.uniform(4.0, 9.0),
+            size * rng.uniform(0.09, 0.15),
             rng.uniform(0, 2 * math.pi),
             rng.uniform(0.25, 0.55),
         ),
