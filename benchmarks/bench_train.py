@@ -38,7 +38,7 @@ from fastkd.config import from_dict  # noqa: E402
 from fastkd.distributed import DistInfo, resolve_device  # noqa: E402
 from fastkd.engine import count_step_flops, measure_peak_flops, resolve_precision, train_step  # noqa: E402
 from fastkd.logging import MetricsWriter  # noqa: E402
-from fastkd.train import batch_dtype, build_models, build_train_state  # noqa: E402
+from fastkd.train import batch_dtype, build_models, build_train_state, seed_everything  # noqa: E402
 
 ALL_VARIANTS = [
     f"{c}/{a}/{m}"
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*uses random weights.*")
     logging.getLogger("fastkd").setLevel(logging.WARNING)
     device = resolve_device(args.device)
+    seed_everything(0, deterministic=False)  # the trainer's kernel choices (cuDNN autotuning, TF32)
     variants = (
         ALL_VARIANTS if args.variants == "all" else [v.strip() for v in args.variants.split(",")]
     )

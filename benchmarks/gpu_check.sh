@@ -3,20 +3,26 @@
 #
 #   OUT=/path/to/results bash benchmarks/gpu_check.sh        (from any directory)
 #
-# Sections run in order; each writes its own JSON (and log) under $OUT, a failing or timed-out
-# section is recorded and the next one still runs. $OUT/gpu_check.json summarizes them all and is
-# rewritten after every section, so a run cut short still leaves its results.
+# Sections run in order; each writes its own JSON under $OUT (logs go to $WORK, their tails into
+# the summary: the device tool brings back at most 8 files), a failing or timed-out section is
+# recorded and the next one still runs. $OUT/gpu_check.json summarizes them all and is rewritten
+# after every section, so a run cut short still leaves its results.
 #
 #   build       compile fastkd._C in place (CPU + CUDA for the local GPU's architecture)
-#   tests       pytest of the loss/op tests (CPU tests plus the `gpu` ones)
+#   tests       pytest of the tests marked `gpu` (the CUDA op against the CPU kernel, registration)
 #   loss_check  benchmarks/gpu_loss_check.py: CUDA op vs reference (fp32/fp16/bf16, edge cases),
 #               timing vs eager at 256x1000 ... 4096x21843, memory bandwidth vs a D2D copy
+#   trainer     python -m fastkd.train: one WSLD epoch of the quickstart config on CUDA (torch loader)
+#   train       benchmarks/bench_train.py: ResNet-34 -> ResNet-18 distillation step, 224 px, batch
+#               256, device-resident data: eager fp32 NCHW (baseline), eager AMP channels_last and
+#               the default (compiled, AMP, channels_last); FLOPs per image and MFU
 #
 # To add a section: write a script that takes an output path and writes JSON there, then add a
 # `section NAME TIMEOUT_S JSON_PATH command...` line below.
 #
 # Expected runtime on an H100 with 16 cores: ~1 min build (one architecture), ~0.5 min tests,
-# ~2-3 min loss_check; the per-section limits (180 + 90 + 210 s) bound it at 8 minutes.
+# ~2 min loss_check, ~0.5 min trainer, ~2.5 min train; the per-section limits
+# (150 + 60 + 150 + 90 + 180 s) bound it at 10.5 minutes. TRAIN_VARIANTS overrides the train section's variant list.
 #
 # Environment: PYTHON (default python3), OUT (default ./gpu_check_out), MAX_JOBS for the build,
 # FASTKD_GPU_CHECK_SKIP_BUILD=1 to reuse an existing build (used when testing this script on CPU).
@@ -30,9 +36,11 @@ PYTHON="${PYTHON:-python3}"
 OUT="${OUT:-$ROOT/gpu_check_out}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
+WORK="${WORK:-$(mktemp -d -t fastkd_gpu_check.XXXXXX)}"
+mkdir -p "$WORK"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-export HYPOTHESIS_STORAGE_DIRECTORY="$OUT/.hypothesis"  # keep the checkout clean
-SECTIONS_TSV="$OUT/.sections.tsv"
+export HYPOTHESIS_STORAGE_DIRECTORY="$WORK/.hypothesis"  # keep the checkout clean
+SECTIONS_TSV="$WORK/sections.tsv"
 : > "$SECTIONS_TSV"
 RUN_START=$(date +%s)
 
@@ -45,6 +53,11 @@ for line in open(tsv):
     name, status, rc, seconds, json_path, log_path = line.rstrip("\n").split("\t")
     entry = {"name": name, "status": status, "rc": int(rc), "seconds": int(seconds),
              "json": json_path or None, "log": log_path}
+    try:
+        with open(log_path, errors="replace") as f:
+            entry["log_tail"] = f.read().splitlines()[-40:]
+    except OSError:
+        pass
     if json_path:
         try:
             with open(json_path) as f:
@@ -75,7 +88,7 @@ PY
 section() {
   local name="$1" limit="$2" json="$3"
   shift 3
-  local log="$OUT/$name.log" start rc status
+  local log="$WORK/$name.log" start rc status
   echo "=== [$name] $* (limit ${limit}s)"
   start=$(date +%s)
   timeout --kill-after=10 "$limit" "$@" > "$log" 2>&1
@@ -96,8 +109,8 @@ section() {
 skip_section() {
   local name="$1" reason="$2"
   echo "=== [$name] skipped: $reason"
-  echo "$reason" > "$OUT/$name.log"
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "skipped" 0 0 "" "$OUT/$name.log" >> "$SECTIONS_TSV"
+  echo "$reason" > "$WORK/$name.log"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "skipped" 0 0 "" "$WORK/$name.log" >> "$SECTIONS_TSV"
   write_summary
 }
 
@@ -130,17 +143,17 @@ else
     export FASTKD_BUILD_CUDA=1
   fi
   export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-  section build 180 "" "$PYTHON" setup.py build_ext --inplace
+  section build 150 "" "$PYTHON" setup.py build_ext --inplace
 fi
 
 # --- tests ----------------------------------------------------------------------------------------
 if "$PYTHON" -c "import pytest" 2>/dev/null; then
   # --noconftest: these two files need no shared fixtures, and tests/conftest.py imports the
   # data pipeline, whose optional dependencies need not be on the GPU machine.
-  section tests 90 "$OUT/tests.json" "$PYTHON" -m pytest tests/test_ops.py tests/test_losses.py \
-    -q -p no:cacheprovider --noconftest -ra --junitxml="$OUT/tests.xml" -o junit_family=xunit2
+  section tests 60 "$OUT/tests.json" "$PYTHON" -m pytest tests/test_ops.py tests/test_losses.py \
+    -m gpu -q -p no:cacheprovider --noconftest -ra --junitxml="$WORK/tests.xml" -o junit_family=xunit2
   # Condense the junit XML into the section's JSON (counts and failing test names).
-  "$PYTHON" - "$OUT/tests.xml" "$OUT/tests.json" <<'PY' || true
+  "$PYTHON" - "$WORK/tests.xml" "$OUT/tests.json" <<'PY' || true
 import json, sys, xml.etree.ElementTree as ET
 try:
     root = ET.parse(sys.argv[1]).getroot()
@@ -160,10 +173,28 @@ else
 fi
 
 # --- fused loss: correctness, speed, bandwidth ----------------------------------------------------
-section loss_check 210 "$OUT/loss_check.json" "$PYTHON" benchmarks/gpu_loss_check.py \
+section loss_check 150 "$OUT/loss_check.json" "$PYTHON" benchmarks/gpu_loss_check.py \
   --json "$OUT/loss_check.json"
 
-# (The training-throughput section goes here.)
+# --- the trainer end to end on CUDA (torch loader: no DALI there), one short WSLD epoch -----------
+if [ "$HAS_GPU" = "1" ]; then
+  section trainer 90 "$OUT/trainer_summary.json" bash -c '"$0" -m fastkd.train --config configs/quickstart.yaml \
+      run.dir="$1/run" data.root="$1/data" data.backend=torch data.workers=8 teacher.weights=random \
+      train.epochs=1 train.compile=false train.log_every=10 && cp "$1/run/summary.json" "$2"' \
+    "$PYTHON" "$WORK" "$OUT/trainer_summary.json"
+else
+  skip_section trainer "no CUDA device: tests/test_train.py covers the trainer on the CPU"
+fi
+
+# --- training throughput: the whole distillation step --------------------------------------------
+if [ "$HAS_GPU" = "1" ]; then
+  section train 180 "$OUT/bench_train.json" "$PYTHON" benchmarks/bench_train.py \
+    --image-size 224 --batch-size 256 --steps 20 --warmup 5 \
+    --variants "${TRAIN_VARIANTS:-eager/fp32/nchw,eager/amp/cl,compiled/amp/cl}" \
+    --json "$OUT/bench_train.json"
+else
+  skip_section train "no CUDA device: the CPU numbers come from benchmarks/bench_train.py run directly"
+fi
 
 write_summary
 echo "summary: $OUT/gpu_check.json"
