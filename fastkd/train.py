@@ -116,19 +116,6 @@ def maybe_compile(module: nn.Module, cfg: Config) -> nn.Module:
     )
 
 
-def compile_teacher(teacher: nn.Module, cfg: Config) -> nn.Module:
-    """The teacher compiled with inductor's freezing: its weights are constants to fold and pre-pack.
-
-    Safe only because the teacher never changes and always runs without gradients.
-    """
-    if not cfg.train.compile:
-        return teacher
-    from torch._inductor import list_mode_options
-
-    options = {**list_mode_options(cfg.train.compile_mode), "freezing": True}
-    return torch.compile(teacher, options=options)
-
-
 @dataclass
 class Models:
     """The bare networks (whose weights are saved) and the forms the step and evaluation call."""
@@ -139,7 +126,7 @@ class Models:
     eval_model: (
         nn.Module
     )  # student, compiled when train.compile (never DDP: each rank evaluates its shard)
-    teacher_step: nn.Module | None  # teacher, compiled separately (frozen weights) when train.compile
+    teacher_step: nn.Module | None  # teacher, compiled separately when train.compile
     student_source: str
     teacher_source: str
 
@@ -171,7 +158,7 @@ def build_models(cfg: Config, num_classes: int, dist: DistInfo) -> Models:
         teacher=teacher,
         train_model=maybe_compile(train_model, cfg),
         eval_model=maybe_compile(student, cfg),
-        teacher_step=compile_teacher(teacher, cfg) if teacher is not None else None,
+        teacher_step=maybe_compile(teacher, cfg) if teacher is not None else None,
         student_source=student_source,
         teacher_source=teacher_source,
     )
