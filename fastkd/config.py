@@ -211,7 +211,10 @@ class TrainConfig:
     compile: bool = _doc("torch.compile the student step and the teacher", default=True)
     compile_mode: Literal[
         "default", "max-autotune", "reduce-overhead", "max-autotune-no-cudagraphs"
-    ] = _doc("torch.compile mode", default="default")
+    ] = _doc(
+        "torch.compile mode; the CUDA-graph modes (reduce-overhead, max-autotune) are not yet verified on a GPU",
+        default="default",
+    )
     log_every: int = _doc(
         "steps between progress lines and step records in metrics.jsonl", default=50
     )

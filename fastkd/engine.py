@@ -314,6 +314,9 @@ def train_step(
     Returns the detached loss terms and the student's logits; nothing here waits for the device.
     """
     device = state.device
+    if state.cfg.compile and state.cfg.compile_mode in ("reduce-overhead", "max-autotune"):
+        # CUDA-graph modes: a new step may overwrite the previous step's graph outputs.
+        torch.compiler.cudagraph_mark_step_begin()
     with state.precision.autocast(device):
         teacher_logits = None
         if state.teacher is not None:
