@@ -80,7 +80,11 @@ def read_state_dict(path: str | Path, role: str = "student") -> dict[str, torch.
     """Model weights from a state-dict file or from a fastkd checkpoint (its ``role`` entry)."""
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"weights file not found: {path}")
+        raise ModelError(
+            f"{role}.weights: file not found: {path}. Point {role}.weights at a state dict or fastkd "
+            f"checkpoint (a loss.kind=ce run's student.pt; python -m fastkd.quickstart trains the "
+            f"quickstart teacher first), or use {role}.weights=random for a smoke test"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
