@@ -244,6 +244,8 @@ def count_step_flops(
 
     images = torch.randn(2, 3, image_size, image_size, device=device)
     was_training = student.training
+    # The train-mode forward would fold this random batch into BatchNorm's running statistics.
+    buffers = {name: b.clone() for name, b in student.named_buffers()}
     counter = FlopCounterMode(display=False)
     with counter:
         if teacher is not None:
@@ -253,6 +255,9 @@ def count_step_flops(
         student(images).float().sum().backward()
     student.zero_grad(set_to_none=True)
     student.train(was_training)
+    with torch.no_grad():
+        for name, buffer in student.named_buffers():
+            buffer.copy_(buffers[name])
     return counter.get_total_flops() / 2
 
 

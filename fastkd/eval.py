@@ -25,13 +25,11 @@ from fastkd.train import user_errors
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     """Load ``checkpoint`` into ``cfg.student.arch`` and evaluate it on the validation split."""
-    from fastkd.data import build_val_loader, ensure_dataset
+    from fastkd.data import build_val_loader
 
     dist = init_distributed(cfg.train.device)
     setup_console(dist.is_main)
     device = dist.device
-    if dist.is_main:
-        ensure_dataset(cfg.data)
     precision = resolve_precision(cfg.train.amp, device)
     loader = build_val_loader(
         cfg.data, device=device, rank=dist.rank, world_size=dist.world_size, dtype=torch.float32

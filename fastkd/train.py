@@ -225,7 +225,8 @@ def resume_into(
 
 def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
     """Train per ``cfg``; returns the summary that is also written to ``run.dir/summary.json``."""
-    from fastkd.data import build_train_loader, build_val_loader, ensure_dataset
+    from fastkd.data import build_train_loader, build_val_loader
+    from fastkd.data.synthetic import prepare_synthetic
 
     dist = dist or init_distributed(cfg.train.device)
     setup_console(dist.is_main)
@@ -236,10 +237,10 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        ensure_dataset(cfg.data)  # generates the synthetic set when asked; validates the layout
+        prepare_synthetic(
+            cfg.data
+        )  # rank 0 generates the synthetic set (when asked) before the others look
     barrier()
-    if not dist.is_main:
-        ensure_dataset(cfg.data)
 
     precision = resolve_precision(cfg.train.amp, device)
     loader_args = dict(

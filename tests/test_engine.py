@@ -163,3 +163,9 @@ def test_step_flops_count_teacher_forward_and_student_train():
     # A training step costs ~3x a forward pass; ResNet-34 forward is ~2x ResNet-18's.
     assert 1.5 < teacher_forward / (only_student / 3) < 2.5
     assert all(p.grad is None for p in student.parameters())
+    # Counting leaves no trace in the student: BatchNorm statistics are untouched.
+    fresh = torchvision.models.resnet18(num_classes=10)
+    for (name, counted), (_, untouched) in zip(
+        student.named_buffers(), fresh.named_buffers(), strict=True
+    ):
+        torch.testing.assert_close(counted, untouched, msg=name)
