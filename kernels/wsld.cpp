@@ -5,13 +5,19 @@
 //   wsld_ce(s, t, labels, tau, loss_weight, ce_weight) -> (total, ce, wsld, weight_mean, row_stats)
 //   wsld_backward(grad, s, t, labels, row_stats, tau, loss_weight, ce_weight) -> grad_student
 //
-// Autograd and the fake (meta) implementations are registered from Python (fastkd/losses/ops.py),
-// as in pytorch/extension-cpp. The CUDA implementation lives in wsld_cuda.cu.
+// The autograd formula of the two forward ops is registered here, in C++, for the Autograd
+// dispatch key (device-agnostic): eager training then runs forward and backward without entering
+// Python, and torch.compile's AOTAutograd traces the same formula (its forward redispatches to
+// the op, its backward calls fastkd::wsld_backward). The fake (meta) implementations are
+// registered from Python (fastkd/losses/ops.py). The CUDA implementation lives in wsld_cuda.cu.
 #include <Python.h>  // first, as Python requires; only used for the module object below
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/ScalarType.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -75,9 +81,9 @@ PreparedInputs prepare_inputs(const at::Tensor& student_logits, const at::Tensor
                                                                                   : at::kFloat;
   }
   PreparedInputs prepared;
-  prepared.student = student_logits.to(dtype).contiguous();
-  prepared.teacher = teacher_logits.to(dtype).contiguous();
-  prepared.labels = labels.to(at::kLong).contiguous();
+  prepared.student = as_dtype(student_logits, dtype).contiguous();
+  prepared.teacher = as_dtype(teacher_logits, dtype).contiguous();
+  prepared.labels = as_dtype(labels, at::kLong).contiguous();
   prepared.rows = rows;
   prepared.classes = classes;
   return prepared;
@@ -267,7 +273,121 @@ at::Tensor wsld_backward_cpu(const at::Tensor& grad, const at::Tensor& student_l
     }
   }
   // Mixed-dtype inputs were computed in the wider type; the gradient matches the student.
-  return grad_student.to(student_logits.scalar_type());
+  return as_dtype(grad_student, student_logits.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Autograd. The backward is one fused op: grad_s = g * (loss_weight * tau / N * w * (q - p) +
+// ce_weight / N * (softmax(s) - onehot)), recomputed from the saved row statistics. The teacher,
+// labels and floats get no gradient (the teacher as if detached, as in mmrazor's WSLD).
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using WsldSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                         const at::Tensor&, double, double);
+using WsldCeSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, double);
+using WsldBackwardSignature =
+    at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+               const at::Tensor&, double, double, double);
+
+// Dispatcher handles of the ops, looked up once for the life of the process.
+const c10::TypedOperatorHandle<WsldSignature>& wsld_op() {
+  static const auto handle =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastkd::wsld", "").typed<WsldSignature>();
+  return handle;
+}
+
+const c10::TypedOperatorHandle<WsldCeSignature>& wsld_ce_op() {
+  static const auto handle = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("fastkd::wsld_ce", "")
+                                 .typed<WsldCeSignature>();
+  return handle;
+}
+
+const c10::TypedOperatorHandle<WsldBackwardSignature>& wsld_backward_op() {
+  static const auto handle = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("fastkd::wsld_backward", "")
+                                 .typed<WsldBackwardSignature>();
+  return handle;
+}
+
+void save_for_backward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
+                       const at::Tensor& labels, const at::Tensor& row_stats, double tau,
+                       double loss_weight, double ce_weight) {
+  ctx->save_for_backward({student, teacher, labels, row_stats});
+  ctx->saved_data["tau"] = tau;
+  ctx->saved_data["loss_weight"] = loss_weight;
+  ctx->saved_data["ce_weight"] = ce_weight;
+}
+
+// The gradients of (student, teacher, labels, tau, loss_weight[, ce_weight]): only the student's
+// is ever defined.
+variable_list backward_from_saved(AutogradContext* ctx, const at::Tensor& grad_loss,
+                                  size_t num_inputs) {
+  variable_list grads(num_inputs);
+  if (!ctx->needs_input_grad(0)) return grads;
+  const variable_list saved = ctx->get_saved_variables();
+  grads[0] = wsld_backward_op().call(grad_loss, saved[0], saved[1], saved[2], saved[3],
+                       ctx->saved_data["tau"].toDouble(),
+                       ctx->saved_data["loss_weight"].toDouble(),
+                       ctx->saved_data["ce_weight"].toDouble());
+  return grads;
+}
+
+class WsldFunction : public torch::autograd::Function<WsldFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& student,
+                               const at::Tensor& teacher, const at::Tensor& labels, double tau,
+                               double loss_weight) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, row_stats] =
+        wsld_op().call(student, teacher, labels, tau, loss_weight);
+    ctx->mark_non_differentiable({row_stats});
+    save_for_backward(ctx, student, teacher, labels, row_stats, tau, loss_weight, 0.0);
+    return {loss, row_stats};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    return backward_from_saved(ctx, grad_outputs[0], 5);
+  }
+};
+
+class WsldCeFunction : public torch::autograd::Function<WsldCeFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& student,
+                               const at::Tensor& teacher, const at::Tensor& labels, double tau,
+                               double loss_weight, double ce_weight) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [total, ce, wsld, weight_mean, row_stats] =
+        wsld_ce_op().call(student, teacher, labels, tau, loss_weight, ce_weight);
+    // ce, wsld and weight_mean are for logging: only the total carries a gradient.
+    ctx->mark_non_differentiable({ce, wsld, weight_mean, row_stats});
+    save_for_backward(ctx, student, teacher, labels, row_stats, tau, loss_weight, ce_weight);
+    return {total, ce, wsld, weight_mean, row_stats};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    return backward_from_saved(ctx, grad_outputs[0], 6);
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> wsld_autograd(const at::Tensor& student_logits,
+                                                 const at::Tensor& teacher_logits,
+                                                 const at::Tensor& labels, double tau,
+                                                 double loss_weight) {
+  variable_list out =
+      WsldFunction::apply(student_logits, teacher_logits, labels, tau, loss_weight);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wsld_ce_autograd(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& labels,
+    double tau, double loss_weight, double ce_weight) {
+  variable_list out = WsldCeFunction::apply(student_logits, teacher_logits, labels, tau,
+                                            loss_weight, ce_weight);
+  return {out[0], out[1], out[2], out[3], out[4]};
 }
 
 }  // namespace
@@ -292,6 +412,14 @@ TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("wsld", &wsld_cpu);
   m.impl("wsld_ce", &wsld_ce_cpu);
   m.impl("wsld_backward", &wsld_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fastkd, Autograd, m) {
+  m.impl("wsld", &wsld_autograd);
+  m.impl("wsld_ce", &wsld_ce_autograd);
+  // No double backward: differentiating the gradient raises "derivative for
+  // fastkd::wsld_backward is not implemented" rather than silently giving zero.
+  m.impl("wsld_backward", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace fastkd

@@ -16,6 +16,12 @@
 
 namespace fastkd {
 
+// `tensor` in `dtype`: itself when it already is (skipping the dispatcher round trip of
+// Tensor::to, which the per-step hot path would pay for nothing), else a converted copy.
+inline at::Tensor as_dtype(const at::Tensor& tensor, at::ScalarType dtype) {
+  return tensor.scalar_type() == dtype ? tensor : tensor.to(dtype);
+}
+
 // Columns of the (N, kNumStats) row-statistics tensor the forward ops return for the backward op.
 // Maxima and reciprocal partition sums (rather than log-sum-exps) are stored so that the
 // backward recomputes q_c = exp((s_c - max_s) / tau) * inv_z exactly as the forward saw it:

@@ -647,7 +647,7 @@ at::Tensor wsld_backward_cuda(const at::Tensor& grad, const at::Tensor& student_
   const at::Tensor student = aligned16(in.student);
   const at::Tensor teacher = aligned16(in.teacher);
   const at::Tensor stats = aligned16(row_stats.contiguous());
-  const at::Tensor grad_value = grad.to(at::kFloat).contiguous();
+  const at::Tensor grad_value = as_dtype(grad, at::kFloat).contiguous();
   at::Tensor grad_student = at::empty({in.rows, in.classes}, student.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_dtype(student.scalar_type(), op, [&](auto tag) {
@@ -661,7 +661,7 @@ at::Tensor wsld_backward_cuda(const at::Tensor& grad, const at::Tensor& student_
                                                 stream);
     });
   });
-  return grad_student.to(student_logits.scalar_type());
+  return as_dtype(grad_student, student_logits.scalar_type());
 }
 
 }  // namespace

@@ -1,9 +1,11 @@
 """The fused WSLD ops (``torch.ops.fastkd.*``, built from kernels/ into ``fastkd._C``).
 
-Importing ``fastkd._C`` registers the op schemas and their CPU/CUDA kernels; this module adds
-what PyTorch needs around them, as pytorch/extension-cpp does: a fake (meta) implementation of
-every op so that ``torch.compile`` can trace shapes without running kernels, and the autograd
-formula of the two forward ops, whose backward is itself one fused op.
+Importing ``fastkd._C`` registers the op schemas, their CPU/CUDA kernels and, for the Autograd
+dispatch key, the autograd formula of the two forward ops (a C++ ``torch::autograd::Function``
+whose backward is itself one fused op, so eager training runs both directions without entering
+Python). This module adds the rest of what PyTorch needs, as pytorch/extension-cpp does: a fake
+(meta) implementation of every op, so that ``torch.compile`` traces shapes without running
+kernels (AOTAutograd traces the C++ formula through the dispatcher).
 
 Ops (all take logits of shape (N, C) and integer labels of shape (N,)):
 
@@ -140,10 +142,9 @@ def wsld_fused(
     student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, tau: float, loss_weight: float
 ) -> Tensor:
     """The WSLD loss from ``torch.ops.fastkd.wsld`` (differentiable w.r.t. the student)."""
-    args = (student_logits, teacher_logits, labels, float(tau), float(loss_weight))
-    if _eager_autograd(student_logits):
-        return _WSLDFunction.apply(*args)
-    loss, _ = torch.ops.fastkd.wsld.default(*args)
+    loss, _ = torch.ops.fastkd.wsld.default(
+        student_logits, teacher_logits, labels, float(tau), float(loss_weight)
+    )
     return loss
 
 
@@ -156,67 +157,10 @@ def wsld_ce_fused(
     ce_weight: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(total, ce, wsld, weight_mean) from ``torch.ops.fastkd.wsld_ce``; only total has a grad."""
-    args = (
-        student_logits,
-        teacher_logits,
-        labels,
-        float(tau),
-        float(loss_weight),
-        float(ce_weight),
+    total, ce, wsld, weight_mean, _ = torch.ops.fastkd.wsld_ce.default(
+        student_logits, teacher_logits, labels, float(tau), float(loss_weight), float(ce_weight)
     )
-    if _eager_autograd(student_logits):
-        return _WSLDCEFunction.apply(*args)
-    total, ce, wsld, weight_mean, _ = torch.ops.fastkd.wsld_ce.default(*args)
     return total, ce, wsld, weight_mean
-
-
-# The autograd formula is registered on the ops (register_autograd, below): that is what
-# torch.compile, opcheck and any direct torch.ops.fastkd call use. Eager training calls go through
-# these two equivalent autograd.Functions instead, because torch.library's generic autograd
-# wrapper costs ~60 us of Python per forward+backward (argument-default filling, result
-# validation), more than the kernels themselves at ImageNet batch sizes. Their forward calls the
-# op below the Autograd dispatch key, straight into its CPU/CUDA kernel.
-
-
-def _eager_autograd(student_logits: Tensor) -> bool:
-    return (
-        student_logits.requires_grad
-        and torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-    )
-
-
-class _WSLDFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student_logits, teacher_logits, labels, tau, loss_weight):
-        with torch._C._AutoDispatchBelowAutograd():
-            loss, row_stats = torch.ops.fastkd.wsld.default(
-                student_logits, teacher_logits, labels, tau, loss_weight
-            )
-        ctx.save_for_backward(student_logits, teacher_logits, labels, row_stats)
-        ctx.tau, ctx.loss_weight, ctx.ce_weight = tau, loss_weight, 0.0
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return _backward(ctx, grad_loss)
-
-
-class _WSLDCEFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student_logits, teacher_logits, labels, tau, loss_weight, ce_weight):
-        with torch._C._AutoDispatchBelowAutograd():
-            total, ce, wsld, weight_mean, row_stats = torch.ops.fastkd.wsld_ce.default(
-                student_logits, teacher_logits, labels, tau, loss_weight, ce_weight
-            )
-        ctx.mark_non_differentiable(ce, wsld, weight_mean)
-        ctx.save_for_backward(student_logits, teacher_logits, labels, row_stats)
-        ctx.tau, ctx.loss_weight, ctx.ce_weight = tau, loss_weight, ce_weight
-        return total, ce, wsld, weight_mean
-
-    @staticmethod
-    def backward(ctx, grad_total, *_unused):
-        return _backward(ctx, grad_total)
 
 
 def _fake_forward_outputs(
@@ -229,43 +173,8 @@ def _fake_forward_outputs(
     return (*scalars, row_stats)
 
 
-def _wsld_setup_context(ctx, inputs, output) -> None:
-    student_logits, teacher_logits, labels, tau, loss_weight = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(student_logits, teacher_logits, labels, output[1])
-    ctx.tau, ctx.loss_weight, ctx.ce_weight = tau, loss_weight, 0.0
-
-
-def _wsld_ce_setup_context(ctx, inputs, output) -> None:
-    student_logits, teacher_logits, labels, tau, loss_weight, ce_weight = inputs
-    # ce, wsld and weight_mean are for logging: only the total carries a gradient.
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(student_logits, teacher_logits, labels, output[-1])
-    ctx.tau, ctx.loss_weight, ctx.ce_weight = tau, loss_weight, ce_weight
-
-
-def _backward(ctx, grad_loss: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
-    # One None per op input after the student: the teacher gets no gradient by definition (as
-    # if detached), labels and floats have none.
-    nones = (None,) * (len(ctx.needs_input_grad) - 1)
-    if not ctx.needs_input_grad[0]:
-        return (None, *nones)
-    student_logits, teacher_logits, labels, row_stats = ctx.saved_tensors
-    grad_student = torch.ops.fastkd.wsld_backward.default(
-        grad_loss,
-        student_logits,
-        teacher_logits,
-        labels,
-        row_stats,
-        ctx.tau,
-        ctx.loss_weight,
-        ctx.ce_weight,
-    )
-    return (grad_student, *nones)
-
-
 def _register() -> None:
-    """Fake implementations and autograd formulas; only possible once the schemas exist."""
+    """Fake implementations; only possible once the schemas exist."""
 
     @torch.library.register_fake("fastkd::wsld")
     def _wsld_fake(student_logits, teacher_logits, labels, tau, loss_weight):
@@ -285,11 +194,6 @@ def _register() -> None:
             lambda: f"row_stats must have shape (N, {NUM_STATS}), got {tuple(row_stats.shape)}",
         )
         return student_logits.new_empty(student_logits.shape)
-
-    torch.library.register_autograd("fastkd::wsld", _backward, setup_context=_wsld_setup_context)
-    torch.library.register_autograd(
-        "fastkd::wsld_ce", _backward, setup_context=_wsld_ce_setup_context
-    )
 
 
 if extension is not None:
