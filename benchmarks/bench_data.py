@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import format_table, write_json  # noqa: E402
+from common import format_table, run_cli, write_json  # noqa: E402
 
 from fastkd.config import from_dict  # noqa: E402
 from fastkd.data import build_train_loader  # noqa: E402
@@ -132,4 +132,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

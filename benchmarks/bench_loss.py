@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import format_table, write_json  # noqa: E402
+from common import format_table, run_cli, write_json  # noqa: E402
 
 from fastkd.losses import fused_available, wsld_ce_loss, wsld_loss  # noqa: E402
 
@@ -273,7 +273,7 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="all", help="cpu, cuda or all (all present)")
     parser.add_argument(
@@ -347,8 +347,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     print(format_table(results, columns))
     config = {k: v for k, v in vars(args).items() if k != "json"}
     write_json(args.json, "bench_loss", config, results)
-    return results
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -5,8 +5,12 @@ forward, student forward and backward, WSLD loss, optimizer step. Batches are de
 fixed batch, re-used) so the numbers measure compute, not data loading; ``--root`` adds an
 end-to-end row that feeds the same step from the real loader.
 
-Variants: {eager, compiled} x {fp32, AMP} x {NCHW, channels_last}; the ratio column compares each
-with eager/fp32/NCHW, measured in the same run. FLOPs per image come from
+Variants: {eager, compiled} x {fp32, AMP} x {NCHW, channels_last}, named like ``compiled/amp/cl``;
+``compiled:MODE/...`` picks a torch.compile mode for that variant alone (``reduce-overhead``,
+``max-autotune``, ``max-autotune-no-cudagraphs``; plain ``compiled`` uses ``--compile-mode``), so
+one run can compare modes. The ratio column compares each with eager/fp32/NCHW, measured in the
+same run. A variant that fails is recorded with its error and the run goes on; the JSON is
+rewritten after every variant, so a run cut short by a time limit keeps what it measured. FLOPs per image come from
 ``torch.utils.flop_counter``; on a GPU, model FLOP utilization (MFU) is reported against the measured
 peak of a large bf16 matmul.
 
@@ -23,18 +27,20 @@ import logging
 import sys
 import tempfile
 import time
+import traceback
+import typing
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import format_table, write_json  # noqa: E402
+from common import format_table, run_cli, write_json  # noqa: E402
 
-from fastkd.config import from_dict  # noqa: E402
+from fastkd.config import TrainConfig, from_dict  # noqa: E402
 from fastkd.distributed import DistInfo, resolve_device  # noqa: E402
 from fastkd.engine import count_step_flops, measure_peak_flops, resolve_precision, train_step  # noqa: E402
 from fastkd.logging import MetricsWriter  # noqa: E402
@@ -46,10 +52,39 @@ ALL_VARIANTS = [
 ]
 BASELINE = "eager/fp32/nchw"
 DEFAULT = "compiled/amp/cl"  # the trainer's default configuration
+COMPILE_MODES = typing.get_args(typing.get_type_hints(TrainConfig)["compile_mode"])
+
+
+class Variant(NamedTuple):
+    compiled: bool
+    compile_mode: str | None  # None: --compile-mode
+    amp: bool
+    channels_last: bool
+
+
+def parse_variant(name: str) -> Variant:
+    """``{eager|compiled[:MODE]}/{fp32|amp}/{nchw|cl}`` -> Variant; ValueError naming the part."""
+    parts = name.split("/")
+    if len(parts) != 3:
+        raise ValueError(
+            f"variant {name!r} must look like compiled/amp/cl: "
+            "{eager|compiled[:MODE]}/{fp32|amp}/{nchw|cl}"
+        )
+    how, amp, layout = parts
+    kind, _, mode = how.partition(":")
+    if kind not in ("eager", "compiled") or (kind == "eager" and mode):
+        raise ValueError(f"variant {name!r}: {how!r} must be eager, compiled or compiled:MODE")
+    if mode and mode not in COMPILE_MODES:
+        raise ValueError(f"variant {name!r}: compile mode {mode!r} is not one of {COMPILE_MODES}")
+    if amp not in ("fp32", "amp"):
+        raise ValueError(f"variant {name!r}: precision {amp!r} must be fp32 or amp")
+    if layout not in ("nchw", "cl"):
+        raise ValueError(f"variant {name!r}: layout {layout!r} must be nchw or cl")
+    return Variant(kind == "compiled", mode or None, amp == "amp", layout == "cl")
 
 
 def make_config(args: argparse.Namespace, variant: str, root: str = "/unused") -> Any:
-    compiled, amp, layout = variant.split("/")
+    spec = parse_variant(variant)
     return from_dict(
         {
             "data": {
@@ -63,10 +98,10 @@ def make_config(args: argparse.Namespace, variant: str, root: str = "/unused") -
             "loss": {"kind": args.loss, "impl": args.loss_impl},
             "train": {
                 "device": args.device,
-                "compile": compiled == "compiled",
-                "compile_mode": args.compile_mode,
-                "amp": "auto" if amp == "amp" else "off",
-                "channels_last": layout == "cl",
+                "compile": spec.compiled,
+                "compile_mode": spec.compile_mode or args.compile_mode,
+                "amp": "auto" if spec.amp else "off",
+                "channels_last": spec.channels_last,
             },
         }
     )
@@ -111,11 +146,8 @@ def bench_variant(
     sync(device)
     elapsed = time.perf_counter() - start
     loss = float(terms["loss"])
-    del state, models, images, labels
-    torch._dynamo.reset()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    del state, models, images, labels, terms
+    _release(device)
     return {
         "variant": variant,
         "img_per_s": args.steps * args.batch_size / elapsed,
@@ -124,6 +156,14 @@ def bench_variant(
         "precision": precision.name,
         "loss": loss,
     }
+
+
+def _release(device: torch.device) -> None:
+    """Forget compiled graphs and free memory between variants (also after a failed one)."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def bench_end_to_end(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -190,9 +230,14 @@ def main(argv: list[str] | None = None) -> int:
         "--warmup", type=int, default=2, help="untimed steps after the first (compile) step"
     )
     parser.add_argument(
-        "--variants", default="all", help=f"comma-separated subset of {', '.join(ALL_VARIANTS)}"
+        "--variants",
+        default="all",
+        help=f"comma-separated subset of {', '.join(ALL_VARIANTS)}; compiled:MODE/... sets the "
+        "compile mode of one variant",
     )
-    parser.add_argument("--compile-mode", default="default")
+    parser.add_argument(
+        "--compile-mode", default="default", choices=COMPILE_MODES, help="for plain 'compiled'"
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument(
         "--root",
@@ -212,11 +257,20 @@ def main(argv: list[str] | None = None) -> int:
     variants = (
         ALL_VARIANTS if args.variants == "all" else [v.strip() for v in args.variants.split(",")]
     )
-    unknown = sorted(set(variants) - set(ALL_VARIANTS))
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {ALL_VARIANTS}")
+    for variant in variants:
+        try:
+            parse_variant(variant)
+        except ValueError as error:
+            parser.error(str(error))
     if BASELINE not in variants:
         variants.insert(0, BASELINE)
+    else:  # the baseline first: every later row's ratio is known as soon as it is measured
+        variants.insert(0, variants.pop(variants.index(BASELINE)))
+
+    if args.root:  # a bad --root is found now, not after minutes of benchmarking
+        from fastkd.data.folder import scan_split
+
+        scan_split(args.root, "train")
 
     probe = make_config(args, BASELINE)
     probe_models = build_models(probe, args.num_classes, DistInfo(0, 1, 0, device))
@@ -231,23 +285,33 @@ def main(argv: list[str] | None = None) -> int:
         + (f"; bf16 matmul peak {peak_flops / 1e12:.0f} TFLOP/s" if peak_flops else ""),
         flush=True,
     )
+    config = {k: v for k, v in vars(args).items() if k != "json"}
+    config.update(device=str(device), flops_per_image=flops_per_image, peak_flops=peak_flops)
 
-    results = []
+    results: list[dict[str, Any]] = []
     for variant in variants:
-        row = bench_variant(args, variant, device, args.num_classes)
+        try:
+            row = bench_variant(args, variant, device, args.num_classes)
+        except Exception as error:  # noqa: BLE001 - record it, measure the other variants
+            if variant == BASELINE:
+                raise  # no ratio means anything without it
+            row = {"variant": variant, "error": f"{type(error).__name__}: {error}"[:2000]}
+            print(f"  {variant:<18} FAILED: {row['error'][:300]}", flush=True)
+            traceback.print_exc()
+            _release(device)
+        else:
+            print(
+                f"  {variant:<18} {row['img_per_s']:9.1f} img/s  "
+                f"(first step {row['first_step_s']:.1f}s)",
+                flush=True,
+            )
         results.append(row)
-        print(
-            f"  {variant:<18} {row['img_per_s']:9.1f} img/s  (first step {row['first_step_s']:.1f}s)",
-            flush=True,
-        )
+        add_ratios(results, flops_per_image, peak_flops)
+        write_json(args.json, "bench_train", config, results)
     if args.root:
         results.append(bench_end_to_end(args, device))
-    baseline = next(r for r in results if r["variant"] == BASELINE)["img_per_s"]
-    for row in results:
-        row["vs_baseline"] = row["img_per_s"] / baseline
-        row["tflops"] = row["img_per_s"] * flops_per_image / 1e12
-        if peak_flops:
-            row["mfu"] = row["img_per_s"] * flops_per_image / peak_flops
+        add_ratios(results, flops_per_image, peak_flops)
+        write_json(args.json, "bench_train", config, results)
     columns = [
         "variant",
         "precision",
@@ -262,11 +326,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.root:
         columns.append("data_wait_frac")
     print(format_table(results, columns))
-    config = {k: v for k, v in vars(args).items() if k != "json"}
-    config.update(device=str(device), flops_per_image=flops_per_image, peak_flops=peak_flops)
-    write_json(args.json, "bench_train", config, results)
-    return 0
+    for row in results:
+        if "error" in row:
+            print(f"{row['variant']} failed: {row['error'][:300]}")
+    return 1 if any("error" in row for row in results) else 0
+
+
+def add_ratios(
+    results: list[dict[str, Any]], flops_per_image: float, peak_flops: float | None
+) -> None:
+    """vs_baseline, TFLOP/s and MFU of every measured row (the baseline is always the first)."""
+    baseline = results[0]["img_per_s"]
+    for row in results:
+        if "img_per_s" not in row:
+            continue
+        row["vs_baseline"] = row["img_per_s"] / baseline
+        row["tflops"] = row["img_per_s"] * flops_per_image / 1e12
+        if peak_flops:
+            row["mfu"] = row["img_per_s"] * flops_per_image / peak_flops
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -13,9 +13,9 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 
 def git_commit() -> str:
@@ -105,3 +105,18 @@ def write_json(
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     tmp.replace(out)
     print(f"wrote {out}")
+
+
+def run_cli(main: Callable[[], int | None]) -> NoReturn:
+    """Run a benchmark's ``main`` and exit with its status; a problem the user can fix (a missing
+    data root, a bad config value, unreadable weights) is one ``NAME: error: ...`` line and exit
+    status 2, as in ``python -m fastkd.train``, instead of a traceback."""
+    from fastkd.train import user_errors
+
+    name = Path(sys.argv[0]).name
+    try:
+        status = main()
+    except user_errors() as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(status or 0)

@@ -13,16 +13,24 @@
 #   loss_check  benchmarks/gpu_loss_check.py: CUDA op vs reference (fp32/fp16/bf16, edge cases),
 #               timing vs eager at 256x1000 ... 4096x21843, memory bandwidth vs a D2D copy
 #   trainer     python -m fastkd.train: one WSLD epoch of the quickstart config on CUDA (torch loader)
+#   trainer_cudagraphs  the same for two epochs with train.compile_mode=reduce-overhead (CUDA
+#               graphs across training, evaluation and the next epoch)
 #   train       benchmarks/bench_train.py: ResNet-34 -> ResNet-18 distillation step, 224 px, batch
-#               256, device-resident data: eager fp32 NCHW (baseline), eager AMP channels_last and
-#               the default (compiled, AMP, channels_last); FLOPs per image and MFU
+#               256, device-resident data: eager fp32 NCHW (baseline), eager AMP channels_last, the
+#               default (compiled, AMP, channels_last), and the default under the CUDA-graph and
+#               autotuning compile modes; FLOPs per image and MFU. The JSON is rewritten after
+#               every variant, so a variant that hits the section's limit keeps the earlier ones.
 #
 # To add a section: write a script that takes an output path and writes JSON there, then add a
 # `section NAME TIMEOUT_S JSON_PATH command...` line below.
 #
-# Expected runtime on an H100 with 16 cores: ~1 min build (one architecture), ~0.5 min tests,
-# ~2 min loss_check, ~0.5 min trainer, ~2.5 min train; the per-section limits
-# (150 + 60 + 150 + 90 + 180 s) bound it at 10.5 minutes. TRAIN_VARIANTS overrides the train section's variant list.
+# Runtime on an H200 with 16 cores (2026-11-26, before trainer_cudagraphs and the compile-mode
+# variants existed): build 29 s, tests 7 s, loss_check 55 s, trainer 28 s, train 59 s for three
+# variants. Expected now: ~1 min more for trainer_cudagraphs and 1-3 min more for the two extra
+# train variants (max-autotune's conv autotuning is the unknown), ~7 min in all. The per-section
+# limits (150 + 60 + 150 + 90 + 120 + 300 s) bound it at 14.5 minutes; the device tool stops a
+# command at 10, and $OUT still holds every section that finished. TRAIN_VARIANTS overrides the
+# train section's variant list (the grammar is in bench_train.py's docstring).
 #
 # Environment: PYTHON (default python3), OUT (default ./gpu_check_out), MAX_JOBS for the build,
 # FASTKD_GPU_CHECK_SKIP_BUILD=1 to reuse an existing build (used when testing this script on CPU).
@@ -186,11 +194,25 @@ else
   skip_section trainer "no CUDA device: tests/test_train.py covers the trainer on the CPU"
 fi
 
+# --- the trainer under CUDA graphs: reduce-overhead across train -> eval -> train ---------------
+if [ "$HAS_GPU" = "1" ]; then
+  section trainer_cudagraphs 120 "$OUT/trainer_cudagraphs_summary.json" bash -c '"$0" -m fastkd.train \
+      --config configs/quickstart.yaml run.dir="$1/run_cudagraphs" data.root="$1/data" \
+      data.backend=torch data.workers=8 teacher.weights=random train.epochs=2 train.compile=true \
+      train.compile_mode=reduce-overhead train.log_every=10 \
+      && cp "$1/run_cudagraphs/summary.json" "$2"' \
+    "$PYTHON" "$WORK" "$OUT/trainer_cudagraphs_summary.json"
+else
+  skip_section trainer_cudagraphs "no CUDA device: CUDA graphs exist only on a GPU"
+fi
+
 # --- training throughput: the whole distillation step --------------------------------------------
 if [ "$HAS_GPU" = "1" ]; then
-  section train 180 "$OUT/bench_train.json" "$PYTHON" benchmarks/bench_train.py \
+  DEFAULT_TRAIN_VARIANTS="eager/fp32/nchw,eager/amp/cl,compiled/amp/cl"
+  DEFAULT_TRAIN_VARIANTS+=",compiled:reduce-overhead/amp/cl,compiled:max-autotune-no-cudagraphs/amp/cl"
+  section train 300 "$OUT/bench_train.json" "$PYTHON" benchmarks/bench_train.py \
     --image-size 224 --batch-size 256 --steps 20 --warmup 5 \
-    --variants "${TRAIN_VARIANTS:-eager/fp32/nchw,eager/amp/cl,compiled/amp/cl}" \
+    --variants "${TRAIN_VARIANTS:-$DEFAULT_TRAIN_VARIANTS}" \
     --json "$OUT/bench_train.json"
 else
   skip_section train "no CUDA device: the CPU numbers come from benchmarks/bench_train.py run directly"

@@ -1,0 +1,223 @@
+"""The benchmark scripts and gpu_check.sh, run small on the CPU: their JSON, ratios and failure paths.
+
+Numbers are not asserted (a shared CPU is noisy); what is checked is that every script runs end
+to end, writes the documented JSON layout, and reports rather than hides what went wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_train  # noqa: E402
+
+
+def run_script(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def load(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    assert {"benchmark", "machine", "config", "results"} <= set(data), data.keys()
+    assert data["machine"]["command"]
+    return data
+
+
+# --- bench_train ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("eager/fp32/nchw", bench_train.Variant(False, None, False, False)),
+        ("compiled/amp/cl", bench_train.Variant(True, None, True, True)),
+        (
+            "compiled:reduce-overhead/amp/nchw",
+            bench_train.Variant(True, "reduce-overhead", True, False),
+        ),
+        (
+            "compiled:max-autotune-no-cudagraphs/fp32/cl",
+            bench_train.Variant(True, "max-autotune-no-cudagraphs", False, True),
+        ),
+    ],
+)
+def test_parse_variant(name, expected):
+    assert bench_train.parse_variant(name) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "culprit"),
+    [
+        ("compiled/amp", "must look like"),
+        ("jit/amp/cl", "'jit'"),
+        ("eager:reduce-overhead/amp/cl", "eager, compiled or compiled:MODE"),
+        ("compiled:fast/amp/cl", "'fast'"),
+        ("compiled/fp8/cl", "'fp8'"),
+        ("compiled/amp/nhwc", "'nhwc'"),
+    ],
+)
+def test_parse_variant_errors_name_the_part(name, culprit):
+    with pytest.raises(ValueError, match=culprit):
+        bench_train.parse_variant(name)
+
+
+def test_variant_compile_mode_reaches_the_config():
+    args = bench_train.argparse.Namespace(
+        image_size=32, batch_size=2, workers=0, teacher="resnet18", student="resnet18",
+        loss="wsld", loss_impl="auto", device="cpu", compile_mode="default",
+    )  # fmt: skip
+    cfg = bench_train.make_config(args, "compiled:reduce-overhead/amp/cl")
+    assert cfg.train.compile and cfg.train.compile_mode == "reduce-overhead"
+    assert cfg.train.amp == "auto" and cfg.train.channels_last
+    cfg = bench_train.make_config(args, "compiled/fp32/nchw")
+    assert cfg.train.compile_mode == "default" and cfg.train.amp == "off"
+
+
+TINY_TRAIN = [
+    "--teacher", "resnet18", "--student", "resnet18", "--image-size", "32", "--batch-size", "2",
+    "--num-classes", "10", "--steps", "1", "--warmup", "0", "--device", "cpu",
+]  # fmt: skip
+
+
+def test_bench_train_failed_variant_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """One variant raising (say a CUDA-graph mode that crashes) leaves its error in the JSON,
+    the other variants are still measured, ratios are against the baseline (always measured
+    first), and the exit status says something failed."""
+    real = bench_train.bench_variant
+
+    def flaky(args, variant, device, num_classes):
+        if variant == "eager/amp/nchw":
+            raise RuntimeError("accessing tensor output of CUDAGraphs that has been overwritten")
+        return real(args, variant, device, num_classes)
+
+    monkeypatch.setattr(bench_train, "bench_variant", flaky)
+    out = tmp_path / "train.json"
+    argv = [*TINY_TRAIN, "--variants", "eager/amp/nchw,eager/fp32/cl,eager/fp32/nchw"]
+    assert bench_train.main([*argv, "--json", str(out)]) == 1
+    data = load(out)
+    rows = {row["variant"]: row for row in data["results"]}
+    assert [row["variant"] for row in data["results"]][0] == bench_train.BASELINE
+    assert "CUDAGraphs output" not in rows["eager/fp32/cl"].get("error", "")
+    assert "overwritten" in rows["eager/amp/nchw"]["error"]
+    assert "img_per_s" not in rows["eager/amp/nchw"]
+    assert rows[bench_train.BASELINE]["vs_baseline"] == 1.0
+    assert rows["eager/fp32/cl"]["img_per_s"] > 0 and rows["eager/fp32/cl"]["vs_baseline"] > 0
+    assert data["config"]["flops_per_image"] > 0
+    assert "eager/amp/nchw failed: RuntimeError" in capsys.readouterr().out
+
+
+def test_bench_train_baseline_failure_is_fatal(tmp_path, monkeypatch):
+    def broken(*_):
+        raise RuntimeError("no baseline")
+
+    monkeypatch.setattr(bench_train, "bench_variant", broken)
+    with pytest.raises(RuntimeError, match="no baseline"):
+        bench_train.main([*TINY_TRAIN, "--variants", "eager/amp/cl"])
+
+
+def test_bench_train_rejects_unknown_variant(capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        bench_train.main([*TINY_TRAIN, "--variants", "compiled:turbo/amp/cl"])
+    assert excinfo.value.code == 2
+    assert "compile mode 'turbo'" in capsys.readouterr().err
+
+
+def test_bench_train_bad_root_fails_before_benchmarking(tmp_path):
+    result = run_script(
+        "benchmarks/bench_train.py", *TINY_TRAIN, "--root", str(tmp_path / "nowhere"),
+        "--json", str(tmp_path / "t.json"),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "bench_train.py: error: data root" in result.stderr and "nowhere" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "img/s" not in result.stdout  # nothing was benchmarked first
+    assert not (tmp_path / "t.json").exists()
+
+
+# --- bench_loss -----------------------------------------------------------------------------------
+
+
+def test_bench_loss_writes_rows(tmp_path):
+    out = tmp_path / "loss.json"
+    result = run_script(
+        "benchmarks/bench_loss.py", "--device", "cpu", "--sizes", "4x8,16x40", "--reps", "3",
+        "--rounds", "1", "--threads", "1", "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = load(out)["results"]
+    assert [(row["N"], row["C"]) for row in rows] == [(4, 8), (16, 40)]
+    for row in rows:
+        assert row["eager_ms"] > 0 and row["reference_ce_ms"] > 0
+        assert row["fused_ms"] > 0 and row["speedup"] > 0 and row["kernels_gb_per_s"] > 0
+
+
+# --- bench_data -----------------------------------------------------------------------------------
+
+
+def test_bench_data_both_backends(tmp_path, tiny_imagefolder):
+    pytest.importorskip("nvidia.dali")
+    out = tmp_path / "data.json"
+    result = run_script(
+        "benchmarks/bench_data.py", "--root", str(tiny_imagefolder), "--image-size", "32",
+        "--batch-size", "4", "--workers", "1", "--epochs", "1", "--rounds", "1",
+        "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = load(out)
+    text = json.dumps(data["results"])
+    assert "dali" in text and "torch" in text
+
+
+def test_bench_data_missing_root_is_one_clear_error(tmp_path):
+    result = run_script("benchmarks/bench_data.py", "--root", str(tmp_path / "nowhere"))
+    assert result.returncode == 2
+    assert "bench_data.py: error: data root" in result.stderr and "nowhere" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- gpu_check.sh ---------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU fallback")
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_check_without_a_gpu_reports_and_skips(tmp_path):
+    """On a machine without CUDA the script still runs every section it can, marks the GPU
+    ones skipped with a reason, and leaves a summary JSON that says so."""
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "WORK": str(tmp_path / "work"),
+        "PYTHON": sys.executable,
+        "FASTKD_GPU_CHECK_SKIP_BUILD": "1",
+    }
+    result = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "gpu_check.json").read_text())
+    sections = {section["name"]: section for section in summary["sections"]}
+    assert summary["all_ok"], sections
+    assert sections["build"]["status"] == "skipped"
+    assert sections["loss_check"]["result_status"] == "skipped"
+    for name in ("trainer", "trainer_cudagraphs", "train"):
+        assert sections[name]["status"] == "skipped"
+        assert "no CUDA device" in " ".join(sections[name]["log_tail"])
+    env_facts = json.loads((out / "env.json").read_text())
+    assert env_facts["cuda_available"] is False
+    assert len(list(out.iterdir())) <= 8  # the device tool returns at most 8 files
