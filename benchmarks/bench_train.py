@@ -44,6 +44,7 @@ from fastkd.config import TrainConfig, from_dict  # noqa: E402
 from fastkd.distributed import DistInfo, resolve_device  # noqa: E402
 from fastkd.engine import count_step_flops, measure_peak_flops, resolve_precision, train_step  # noqa: E402
 from fastkd.logging import MetricsWriter  # noqa: E402
+from fastkd.profiling import StepProfiler  # noqa: E402
 from fastkd.train import batch_dtype, build_models, build_train_state, seed_everything  # noqa: E402
 
 ALL_VARIANTS = [
@@ -146,9 +147,7 @@ def bench_variant(
     sync(device)
     elapsed = time.perf_counter() - start
     loss = float(terms["loss"])
-    del state, models, images, labels, terms
-    _release(device)
-    return {
+    row = {
         "variant": variant,
         "img_per_s": args.steps * args.batch_size / elapsed,
         "step_ms": 1000 * elapsed / args.steps,
@@ -156,6 +155,18 @@ def bench_variant(
         "precision": precision.name,
         "loss": loss,
     }
+    if args.profile and variant in args.profile_variants:
+        # After the timed steps, so the profiler's overhead never touches the img/s above.
+        out_dir = Path(args.profile) / variant.replace("/", "_").replace(":", "-")
+        profiler = StepProfiler(out_dir, skip=1, steps=args.profile_steps, device=device, rank=0)
+        while profiler.active:
+            train_step(state, images, labels)
+            profiler.step()
+        sync(device)
+        row["profile"] = profiler.result
+    del state, models, images, labels, terms
+    _release(device)
+    return row
 
 
 def _release(device: torch.device) -> None:
@@ -248,7 +259,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--e2e-epochs", type=int, default=1)
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="after timing, profile --profile-steps more steps of --profile-variants with "
+        "torch.profiler: trace and operator tables under DIR/<variant>/, top kernels in the JSON",
+    )
+    parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument(
+        "--profile-variants",
+        default=DEFAULT,
+        help=f"comma-separated variants to profile (default {DEFAULT})",
+    )
     args = parser.parse_args(argv)
+    args.profile_variants = [v.strip() for v in args.profile_variants.split(",")]
+    if args.profile_steps < 1:
+        parser.error(f"--profile-steps must be >= 1, got {args.profile_steps}")
 
     warnings.filterwarnings("ignore", message=".*uses random weights.*")
     logging.getLogger("fastkd").setLevel(logging.WARNING)
@@ -329,6 +356,17 @@ def main(argv: list[str] | None = None) -> int:
     for row in results:
         if "error" in row:
             print(f"{row['variant']} failed: {row['error'][:300]}")
+        if row.get("profile"):
+            profile = row["profile"]
+            print(f"\n{row['variant']}: top operators over {profile['steps']} profiled steps "
+                  f"(full tables and trace in {profile['dir']})")  # fmt: skip
+            time_key = "self_device_us" if device.type == "cuda" else "self_cpu_us"
+            print(format_table(
+                [{"name": op["name"][:70], "calls": op["calls"], "share": op["share"],
+                  "ms_per_step": op["self_us_per_step"] / 1e3, time_key: op[time_key]}
+                 for op in profile["top_ops"]],
+                ["name", "calls", "share", "ms_per_step", time_key],
+            ))  # fmt: skip
     return 1 if any("error" in row for row in results) else 0
 
 

@@ -18,7 +18,8 @@
 #   train       benchmarks/bench_train.py: ResNet-34 -> ResNet-18 distillation step, 224 px, batch
 #               256, device-resident data: eager fp32 NCHW (baseline), eager AMP channels_last, the
 #               default (compiled, AMP, channels_last), and the default under the CUDA-graph and
-#               autotuning compile modes; FLOPs per image and MFU. The JSON is rewritten after
+#               autotuning compile modes; FLOPs per image and MFU; the default variant's top CUDA
+#               kernels from torch.profiler (traces stay in $WORK). The JSON is rewritten after
 #               every variant, so a variant that hits the section's limit keeps the earlier ones.
 #
 # To add a section: write a script that takes an output path and writes JSON there, then add a
@@ -213,6 +214,7 @@ if [ "$HAS_GPU" = "1" ]; then
   section train 300 "$OUT/bench_train.json" "$PYTHON" benchmarks/bench_train.py \
     --image-size 224 --batch-size 256 --steps 20 --warmup 5 \
     --variants "${TRAIN_VARIANTS:-$DEFAULT_TRAIN_VARIANTS}" \
+    --profile "$WORK/profile" --profile-steps 5 \
     --json "$OUT/bench_train.json"
 else
   skip_section train "no CUDA device: the CPU numbers come from benchmarks/bench_train.py run directly"

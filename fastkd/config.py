@@ -225,6 +225,15 @@ class TrainConfig:
         "cap on steps per epoch; 0 = the full epoch (smoke tests, benchmarks)", default=0
     )
     sync_bn: bool = _doc("SyncBatchNorm for the student under DDP", default=False)
+    profile: bool = _doc(
+        "torch.profiler over a few steps of the first epoch: run.dir/profile/ gets a Chrome/Perfetto "
+        "trace and the top operators/kernels (table and JSON), per rank",
+        default=False,
+    )
+    profile_skip: int = _doc(
+        "steps before profiling starts (>= 1: the first step compiles and warms up)", default=5
+    )
+    profile_steps: int = _doc("steps recorded by train.profile", default=5)
 
 
 @dataclass
@@ -496,6 +505,14 @@ def _check_ranges(cfg: Config) -> None:
     need(cfg.train.log_every >= 1, f"train.log_every must be >= 1, got {cfg.train.log_every}")
     need(cfg.train.eval_every >= 1, f"train.eval_every must be >= 1, got {cfg.train.eval_every}")
     need(cfg.train.max_steps_per_epoch >= 0, "train.max_steps_per_epoch must be >= 0")
+    need(
+        cfg.train.profile_skip >= 1,
+        f"train.profile_skip must be >= 1 (the first step compiles), got {cfg.train.profile_skip}",
+    )
+    need(
+        cfg.train.profile_steps >= 1,
+        f"train.profile_steps must be >= 1, got {cfg.train.profile_steps}",
+    )
     need(bool(cfg.run.dir), "run.dir is empty: name the folder the run writes to")
 
 

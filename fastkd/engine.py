@@ -22,6 +22,7 @@ from torch import nn
 from fastkd.config import ConfigError, LossConfig, OptimConfig, SchedConfig, TrainConfig
 from fastkd.distributed import DistInfo, all_reduce_sum
 from fastkd.logging import MetricsWriter, format_duration
+from fastkd.profiling import StepProfiler
 
 log = logging.getLogger("fastkd")
 
@@ -304,6 +305,7 @@ class TrainState:
     data_bound_warned: bool = False
     compile_time_s: float | None = None
     optimizer_name: str = ""
+    profiler: StepProfiler | None = None  # train.profile, until its steps are recorded
 
 
 def _sync(device: torch.device) -> None:
@@ -337,6 +339,13 @@ def train_step(
     return terms, student_logits
 
 
+def _finish_profile(state: TrainState, epoch: int) -> None:
+    _sync(state.device)
+    profiler, state.profiler = state.profiler, None
+    if profiler is not None and profiler.result is not None:
+        state.metrics.write("profile", epoch=epoch, **profiler.result)
+
+
 def train_one_epoch(
     state: TrainState, loader: Iterable, epoch: int, epochs: int, steps: int
 ) -> dict[str, float]:
@@ -360,6 +369,7 @@ def train_one_epoch(
         interval_wait_s += time.perf_counter() - wait_start
 
         terms, student_logits = train_step(state, images, labels)
+        profiled = state.profiler is not None and state.profiler.step()
 
         # Accumulate on the device: no host synchronization until the next log line.
         for name, value in terms.items():
@@ -379,6 +389,17 @@ def train_one_epoch(
                 "compile", epoch=epoch, seconds=round(state.compile_time_s, 3), compiled=cfg.compile
             )
             log.info("first step (compile + warm-up) took %.1fs", state.compile_time_s)
+            interval_start, interval_steps, interval_images, interval_wait_s = (
+                time.perf_counter(),
+                0,
+                0,
+                0.0,
+            )
+            continue
+        if profiled:
+            # The profiled steps and the trace export are slower than training: keep them out
+            # of images/sec, as the compile step is.
+            _finish_profile(state, epoch)
             interval_start, interval_steps, interval_images, interval_wait_s = (
                 time.perf_counter(),
                 0,
@@ -433,6 +454,9 @@ def train_one_epoch(
         )
 
     _sync(device)
+    if state.profiler is not None:  # the epoch ended first: write what was recorded
+        state.profiler.close()
+        _finish_profile(state, epoch)
     epoch_s = time.perf_counter() - epoch_start
     if interval_images:  # steps after the last log line (the loader ended early)
         timed_images, timed_s = (

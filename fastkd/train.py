@@ -41,6 +41,7 @@ from fastkd.engine import (
 )
 from fastkd.logging import MetricsWriter, format_duration, setup_console
 from fastkd.models import create_model, fold_batchnorm, load_weights
+from fastkd.profiling import StepProfiler
 
 log = logging.getLogger("fastkd")
 
@@ -304,6 +305,15 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
         flops_per_image=flops_per_image, peak_flops=peak_flops,
     )  # fmt: skip
     log.info("optimizer: %s", state.optimizer_name)
+    if cfg.train.profile:
+        state.profiler = StepProfiler(
+            run_dir / "profile", skip=cfg.train.profile_skip, steps=cfg.train.profile_steps,
+            device=device, rank=dist.rank,
+        )  # fmt: skip
+        log.info(
+            "profiling steps %d-%d of the first epoch into %s", cfg.train.profile_skip + 1,
+            cfg.train.profile_skip + cfg.train.profile_steps, run_dir / "profile",
+        )  # fmt: skip
     start_epoch, best_top1 = 0, float("-inf")
     if resume_path is not None:
         start_epoch, best_top1 = resume_into(
@@ -352,6 +362,8 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
             last_eval = evaluate(models.eval_model, val_loader, precision, device)
             best_top1 = max(best_top1, last_eval["top1"])
     finally:
+        if state.profiler is not None:  # interrupted while profiling: stop the profiler
+            state.profiler.close()
         metrics.close()
         train_loader.close()
         val_loader.close()

@@ -120,6 +120,19 @@ def test_bench_train_failed_variant_is_recorded_and_the_run_goes_on(tmp_path, mo
     assert "eager/amp/nchw failed: RuntimeError" in capsys.readouterr().out
 
 
+def test_bench_train_profiles_the_chosen_variant(tmp_path):
+    out = tmp_path / "train.json"
+    argv = [*TINY_TRAIN, "--variants", "eager/fp32/nchw,eager/fp32/cl", "--json", str(out)]
+    argv += ["--profile", str(tmp_path / "prof"), "--profile-variants", "eager/fp32/cl"]
+    assert bench_train.main([*argv, "--profile-steps", "2"]) == 0
+    rows = {row["variant"]: row for row in load(out)["results"]}
+    assert "profile" not in rows["eager/fp32/nchw"]
+    profile = rows["eager/fp32/cl"]["profile"]
+    assert profile["steps"] == 2 and profile["top_ops"]
+    assert any("conv" in op["name"] for op in profile["top_ops"])
+    assert (tmp_path / "prof" / "eager_fp32_cl" / "trace_rank0.json").is_file()
+
+
 def test_bench_train_baseline_failure_is_fatal(tmp_path, monkeypatch):
     def broken(*_):
         raise RuntimeError("no baseline")

@@ -143,6 +143,8 @@ def test_unknown_key_in_file(tmp_path):
         ("data.val_resize=16", "data.val_resize"),
         ("data.root=", "data.root is empty"),
         ("optim.lr=-1", "optim.lr"),
+        ("train.profile_skip=0", "train.profile_skip must be >= 1"),
+        ("train.profile_steps=0", "train.profile_steps must be >= 1"),
     ],
 )
 def test_bad_values_fail_naming_the_key(tmp_path, override, fragment):

@@ -124,6 +124,40 @@ def test_training_writes_the_run_folder(tiny_imagefolder, tmp_path):
     assert {"optimizer", "scheduler", "student", "config"} <= state.keys()
 
 
+@pytest.mark.parametrize(("profile_steps", "recorded"), [(1, 1), (5, 2)])
+def test_profile_writes_trace_and_top_ops(tiny_imagefolder, tmp_path, profile_steps, recorded):
+    """train.profile records steps after the compile step and writes trace + tables once; an
+    epoch shorter than the window (3 steps here) writes what it recorded and profiling stops."""
+    config = write_config(
+        tmp_path,
+        tiny_imagefolder,
+        loss={"kind": "wsld"},
+        train={"epochs": 2, "profile": True, "profile_skip": 1, "profile_steps": profile_steps},
+    )
+    run(load_config(config))
+    profile_dir = tmp_path / "run" / "profile"
+    assert sorted(p.name for p in profile_dir.iterdir()) == [
+        "ops_rank0.json",
+        "ops_rank0.txt",
+        "trace_rank0.json",
+    ]
+    trace = json.loads((profile_dir / "trace_rank0.json").read_text())
+    assert trace["traceEvents"]
+    ops = json.loads((profile_dir / "ops_rank0.json").read_text())
+    assert ops["steps"] == recorded and ops["device"] == "cpu"
+    names = [op["name"] for op in ops["ops"]]
+    assert any("conv" in name for name in names), names
+    traced = {event.get("name") for event in trace["traceEvents"]}
+    assert "fastkd::wsld_ce" in traced and "fastkd::wsld_backward" in traced  # the fused loss
+    assert not any(name.startswith("ProfilerStep") for name in names)
+    assert all(op["self_cpu_us"] >= 0 and 0 <= op["share"] <= 1 for op in ops["ops"])
+    records = read_metrics(tmp_path / "run")
+    profiles = [r for r in records if r["event"] == "profile"]
+    assert len(profiles) == 1 and profiles[0]["epoch"] == 1 and profiles[0]["steps"] == recorded
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert len(epochs) == 2 and all(r["img_per_s"] > 0 for r in epochs)
+
+
 def test_eval_counts_every_image_once_with_an_odd_batch(tiny_imagefolder, tmp_path):
     config = write_config(tmp_path, tiny_imagefolder, train={"epochs": 1})
     run(load_config(config))
