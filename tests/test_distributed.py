@@ -29,7 +29,8 @@ def test_torchrun_two_processes(tiny_imagefolder, tmp_path):
                 "teacher": {"arch": "resnet18", "weights": "random"},
                 "student": {"arch": "resnet18"},
                 "loss": {"kind": "wsld"},
-                "train": {"epochs": 2, "compile": False, "log_every": 1, "device": "cpu"},
+                "train": {"epochs": 2, "compile": False, "log_every": 1, "device": "cpu",
+                          "profile": True, "profile_skip": 1, "profile_steps": 1},
             }
         )
     )  # fmt: skip
@@ -46,6 +47,13 @@ def test_torchrun_two_processes(tiny_imagefolder, tmp_path):
     assert [r["epoch"] for r in epochs] == [1, 2]  # only rank 0 writes
     # 24 training images, 2 ranks x batch 4: 3 full steps per rank per epoch.
     assert read_metrics(tmp_path / "run")[0]["steps_per_epoch"] == 3
+    # train.profile: each rank writes its own trace and tables; one profile record (rank 0).
+    profile = tmp_path / "run" / "profile"
+    for rank in (0, 1):
+        for name in (f"trace_rank{rank}.json", f"ops_rank{rank}.json", f"ops_rank{rank}.txt"):
+            assert (profile / name).is_file(), name
+    profiles = [r for r in read_metrics(tmp_path / "run") if r["event"] == "profile"]
+    assert len(profiles) == 1 and profiles[0]["steps"] == 1
     # Both ranks trained the same replica: the exported weights load and are finite.
     state = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
