@@ -105,7 +105,7 @@ class StepProfiler:
         trace = self.out_dir / f"trace_{tag}.json"
         prof.export_chrome_trace(str(trace))
         on_device = self.device_type == "cuda"
-        sort_by = "self_cuda_time_total" if on_device else "self_cpu_time_total"
+        sort_by = "self_device_time_total" if on_device else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort_by, row_limit=40)
         (self.out_dir / f"ops_{tag}.txt").write_text(table + "\n")
         ops = top_ops(prof, device=on_device, steps=recorded)
