@@ -484,16 +484,45 @@ def train_one_epoch(
 
 
 @torch.no_grad()
+def pad_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``images`` grown to ``size`` rows by repeating its last image, in its memory format."""
+    rows = images.shape[0]
+    if rows >= size or rows == 0:
+        return images
+    memory_format = (
+        torch.channels_last
+        if images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last)
+        else torch.contiguous_format
+    )
+    filler = images[-1:].expand(size - rows, *images.shape[1:])
+    return torch.cat([images, filler]).contiguous(memory_format=memory_format)
+
+
 def evaluate(
-    model: nn.Module, loader: Iterable, precision: Precision, device: torch.device
+    model: nn.Module,
+    loader: Iterable,
+    precision: Precision,
+    device: torch.device,
+    *,
+    pad_to: int | None = None,
 ) -> dict[str, float]:
-    """Top-1 / top-5 (fractions) and mean CE over every validation image, summed across ranks."""
+    """Top-1 / top-5 (fractions) and mean CE over every validation image, summed across ranks.
+
+    ``pad_to``: for a compiled ``model``, the batch size every forward gets. A shard's last,
+    smaller batch is padded with copies of its last image and the extra logits dropped, so the
+    compiled graph never sees a second shape (which would mean a recompile, and a CUDA graph
+    per shape under reduce-overhead). Eval-mode networks treat rows independently, so the
+    padding changes no result.
+    """
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, images, loss sum
     for images, labels in loader:
+        rows = labels.shape[0]
+        if pad_to:
+            images = pad_batch(images, pad_to)
         with precision.autocast(device):
             logits = model(images)
-        logits = logits.float()
+        logits = logits[:rows].float()
         k = min(5, logits.shape[1])
         topk = logits.topk(k, dim=1).indices
         hits = topk == labels[:, None]

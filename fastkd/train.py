@@ -326,6 +326,8 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
         resumed_from=str(resume_path or ""), teacher_top1=teacher_eval["top1"] if teacher_eval else None,
     )  # fmt: skip
 
+    # A compiled student sees one batch shape in evaluation too (see engine.evaluate).
+    eval_pad = val_loader.batch_size if cfg.train.compile else None
     history: list[dict[str, Any]] = []
     last_eval: dict[str, Any] | None = None
     run_start = time.perf_counter()
@@ -336,7 +338,9 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
             record: dict[str, Any] = {"epoch": epoch, **stats, "top1": None, "top5": None}
             improved = False
             if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
-                last_eval = evaluate(models.eval_model, val_loader, precision, device)
+                last_eval = evaluate(
+                    models.eval_model, val_loader, precision, device, pad_to=eval_pad
+                )
                 record.update(
                     top1=last_eval["top1"], top5=last_eval["top5"], val_loss=last_eval["loss"]
                 )
@@ -359,7 +363,7 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
                     ckpt_io.atomic_save(checkpoint, run_dir / "best.pt")
             barrier()
         if last_eval is None:  # resumed after the final epoch: evaluate what we have
-            last_eval = evaluate(models.eval_model, val_loader, precision, device)
+            last_eval = evaluate(models.eval_model, val_loader, precision, device, pad_to=eval_pad)
             best_top1 = max(best_top1, last_eval["top1"])
     finally:
         if state.profiler is not None:  # interrupted while profiling: stop the profiler

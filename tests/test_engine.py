@@ -120,12 +120,15 @@ class _FixedLogits(nn.Module):
     def __init__(self, table: torch.Tensor) -> None:
         super().__init__()
         self.table = table
+        self.batch_sizes: list[int] = []
 
     def forward(self, images):
+        self.batch_sizes.append(images.shape[0])
         return self.table[images[:, 0, 0, 0].long()]
 
 
-def test_evaluate_counts_every_image_once_and_topk():
+@pytest.mark.parametrize(("pad_to", "seen"), [(None, [3, 3, 1]), (3, [3, 3, 3]), (5, [5, 5, 5])])
+def test_evaluate_counts_every_image_once_and_topk(pad_to, seen):
     # 7 samples, 6 classes; logits chosen so top-1 hits 3 and top-5 hits 6 of 7.
     table = torch.tensor(
         [
@@ -143,13 +146,48 @@ def test_evaluate_counts_every_image_once_and_topk():
     ids = torch.arange(7, dtype=torch.float32)
     images = ids[:, None, None, None].expand(7, 3, 2, 2).contiguous()
     batches = [(images[i : i + 3], labels[i : i + 3]) for i in range(0, 7, 3)]  # 3 + 3 + 1
-    result = evaluate(_FixedLogits(table), batches, Precision("fp32", None, False), CPU)
+    model = _FixedLogits(table)
+    result = evaluate(model, batches, Precision("fp32", None, False), CPU, pad_to=pad_to)
+    assert model.batch_sizes == seen  # padded batches: the model sees one shape only
     assert result["num_images"] == 7
     assert result["top1"] == pytest.approx(3 / 7)
     assert result["top5"] == pytest.approx(6 / 7)
     expected_loss = nn.functional.cross_entropy(table, labels).item()
     assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert math.isfinite(result["loss"])
+
+
+def test_pad_batch_keeps_rows_and_memory_format():
+    images = torch.randn(3, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    padded = engine.pad_batch(images, 5)
+    assert padded.shape == (5, 3, 4, 4)
+    assert padded.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(padded[:3], images) and torch.equal(padded[3], images[2])
+    assert engine.pad_batch(images, 3) is images and engine.pad_batch(images, 2) is images
+
+
+def test_compiled_evaluate_with_padding_compiles_one_graph():
+    """A shard's short last batch must not recompile the compiled student (issue: fixed shapes)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(8, 5),
+    ).eval()  # fmt: skip
+    images = torch.randn(10, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    labels = torch.arange(10) % 5
+    batches = [(images[i : i + 4], labels[i : i + 4]) for i in range(0, 10, 4)]  # 4 + 4 + 2
+    fp32 = Precision("fp32", None, False)
+    expected = evaluate(net, batches, fp32, CPU)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(net)
+    result = evaluate(compiled, batches, fp32, CPU, pad_to=4)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert result["num_images"] == 10
+    assert result == pytest.approx(expected, rel=1e-5)
+    torch._dynamo.reset()
 
 
 def test_step_flops_count_teacher_forward_and_student_train():
