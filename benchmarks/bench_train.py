@@ -134,6 +134,8 @@ def bench_variant(
     )
     labels = torch.randint(0, num_classes, (args.batch_size,), generator=generator).to(device)
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     train_step(state, images, labels)
     sync(device)
@@ -155,6 +157,8 @@ def bench_variant(
         "precision": precision.name,
         "loss": loss,
     }
+    if device.type == "cuda":  # peak over compile, warm-up and the timed steps
+        row["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if args.profile and variant in args.profile_variants:
         # After the timed steps, so the profiler's overhead never touches the img/s above.
         out_dir = Path(args.profile) / variant.replace("/", "_").replace(":", "-")
@@ -350,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if peak_flops:
         columns.append("mfu")
+    if device.type == "cuda":
+        columns.append("max_mem_gib")
     if args.root:
         columns.append("data_wait_frac")
     print(format_table(results, columns))

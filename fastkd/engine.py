@@ -426,6 +426,8 @@ def train_one_epoch(
         extra = {}
         if state.flops_per_image and state.peak_flops:
             extra["mfu"] = img_per_s / dist.world_size * state.flops_per_image / state.peak_flops
+        if device.type == "cuda":  # the caching allocator's own counter: no device sync
+            extra["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         state.metrics.write(
             "step", epoch=epoch, step=step + 1, global_step=state.global_step, lr=lr,
             img_per_s=img_per_s, data_wait_frac=wait_frac, **record, **extra,
@@ -434,6 +436,8 @@ def train_one_epoch(
         eta_s = remaining_steps * elapsed / max(1, interval_steps)
         terms_text = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "loss")
         mfu_text = f" mfu {extra['mfu']:.1%}" if "mfu" in extra else ""
+        if "max_mem_gib" in extra:
+            mfu_text += f" mem {extra['max_mem_gib']:.1f} GiB"
         log.info(
             "epoch %d/%d step %d/%d loss %.4f (%s) lr %.4g | %.0f img/s data-wait %.0f%%%s | ETA %s",
             epoch, epochs, step + 1, steps, record["loss"], terms_text, lr, img_per_s, 100 * wait_frac,
