@@ -155,11 +155,15 @@ def bench_size(
     reps: int | None,
     rounds: int,
     graphs: bool = True,
+    inductor: bool = False,
 ) -> dict[str, object]:
     """One table row: eager, reference and fused times (and bandwidth) for one shape/dtype.
 
     On CUDA with ``graphs``, the eager, fused and kernel-only variants are also timed as CUDA
     graph replays (``*_graph_ms``, ``speedup_graph``): GPU time without launch overhead.
+    With ``inductor``, the eager objective (CE + mmrazor's WSLD) is also timed compiled by
+    ``torch.compile`` (``inductor_ce_ms``, ``speedup_vs_inductor_ce``): what a user gets without
+    the custom op. It compiles once per shape and dtype (seconds on a CPU, more on a GPU).
     """
     gen = torch.Generator(device="cpu").manual_seed(0)
     student = (torch.randn(rows, classes, generator=gen) * 3).to(device, dtype)
@@ -194,6 +198,13 @@ def bench_size(
             )
         ),
     }
+    if inductor:
+
+        def objective(s, t, y):
+            return ce_weight * F.cross_entropy(s, y) + mmrazor_wsld(s, t, y, tau, loss_weight, zero)
+
+        compiled_objective = torch.compile(objective, dynamic=False)
+        variants["inductor_ce"] = grad_of(lambda: compiled_objective(student, teacher, labels))
     fused = fused_available(device)
     if fused:
         variants["fused"] = grad_of(
@@ -238,6 +249,10 @@ def bench_size(
     if fused:
         row["speedup"] = median_ratio(samples["eager"], samples["fused"])
         row["speedup_ce"] = median_ratio(samples["eager_ce"], samples["fused_ce"])
+        if inductor:
+            row["speedup_vs_inductor_ce"] = median_ratio(
+                samples["inductor_ce"], samples["fused_ce"]
+            )
         # Bytes that must move: forward reads s and t, backward reads them again and writes grad.
         moved = 5 * rows * classes * student.element_size()
         row["kernels_gb_per_s"] = moved / (times["kernels"] * 1e-3) / 1e9
@@ -289,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--json", default=None, help="write results here")
+    parser.add_argument(
+        "--inductor",
+        action="store_true",
+        help="also time the eager objective compiled by torch.compile (one compile per row)",
+    )
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -322,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                     ce_weight=args.ce_weight,
                     reps=args.reps,
                     rounds=args.rounds,
+                    inductor=args.inductor,
                 )
                 results.append(row)
                 print(format_table([row], list(row)).splitlines()[-1], flush=True)
@@ -338,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         "fused_ce_ms",
         "speedup_ce",
         "reference_ce_ms",
+        "inductor_ce_ms",
+        "speedup_vs_inductor_ce",
         "kernels_ms",
         "kernels_gb_per_s",
         "speedup_graph",

@@ -11,7 +11,8 @@
 #   build       compile fastkd._C in place (CPU + CUDA for the local GPU's architecture)
 #   tests       pytest of the tests marked `gpu` (the CUDA op against the CPU kernel, registration)
 #   loss_check  benchmarks/gpu_loss_check.py: CUDA op vs reference (fp32/fp16/bf16, edge cases),
-#               timing vs eager at 256x1000 ... 4096x21843, memory bandwidth vs a D2D copy
+#               timing vs eager at 256x1000 ... 4096x21843 (and vs torch.compile of the eager
+#               objective at 256x1000 and 4096x21843 fp16), memory bandwidth vs a D2D copy
 #   trainer     python -m fastkd.train: one WSLD epoch of the quickstart config on CUDA (torch loader)
 #   trainer_cudagraphs  the same for two epochs with train.compile_mode=reduce-overhead (CUDA
 #               graphs across training, evaluation and the next epoch)
@@ -27,7 +28,8 @@
 #
 # Runtime on an H200 with 16 cores (2026-11-26, before trainer_cudagraphs and the compile-mode
 # variants existed): build 29 s, tests 7 s, loss_check 55 s, trainer 28 s, train 59 s for three
-# variants. Expected now: ~1 min more for trainer_cudagraphs and 1-3 min more for the two extra
+# variants. Expected now: ~0.5 min more in loss_check (two torch.compile baselines), ~1 min more
+# for trainer_cudagraphs and 1-3 min more for the two extra
 # train variants (max-autotune's conv autotuning is the unknown), ~7 min in all. The per-section
 # limits (150 + 60 + 150 + 90 + 150 + 300 s) bound it at 15 minutes; the device tool stops a
 # command at 10, and $OUT still holds every section that finished. TRAIN_VARIANTS overrides the

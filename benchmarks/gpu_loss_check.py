@@ -41,6 +41,8 @@ from common import format_table, machine_info  # noqa: E402
 from fastkd.losses import LossTerms, ops, wsld_ce_loss  # noqa: E402
 
 TIMING_SIZES = ((256, 1000), (1024, 1000), (128, 21843), (4096, 21843))
+# Rows (float16) also timed against torch.compile of the eager objective: a compile each.
+INDUCTOR_SIZES = ((256, 1000), (4096, 21843))
 DEVICE = torch.device("cuda")  # --device cpu tests the script's logic on the CPU kernels
 QUICK = False  # --quick: fewer and smaller cases
 GRAD_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -370,6 +372,7 @@ def performance(results: dict) -> None:
                 ce_weight=1.0,
                 reps=3 if QUICK else None,
                 rounds=1 if QUICK else 5,
+                inductor=dtype == torch.float16 and (n, c) in INDUCTOR_SIZES,
             )
             # GPU time from the graph replay where there is one (no launch gaps), else events.
             bandwidth = row.get("kernels_graph_gb_per_s", row.get("kernels_gb_per_s"))
@@ -390,6 +393,7 @@ def performance(results: dict) -> None:
         "speedup_ce",
         "speedup_graph",
         "speedup_ce_graph",
+        "speedup_vs_inductor_ce",
         "kernels_ms",
         "kernels_graph_ms",
         "kernels_gb_per_s",

@@ -178,6 +178,26 @@ def test_bench_loss_writes_rows(tmp_path):
         assert row["fused_ms"] > 0 and row["speedup"] > 0 and row["kernels_gb_per_s"] > 0
 
 
+def test_gpu_loss_check_logic_on_the_cpu_kernels(tmp_path):
+    """gpu_loss_check.py --device cpu --quick: the same correctness checks and timing rows as on
+    a GPU, run against the CPU kernels (this is how the script itself is tested without one)."""
+    out = tmp_path / "loss_check.json"
+    result = run_script(
+        "benchmarks/gpu_loss_check.py", "--device", "cpu", "--quick", "--json", str(out)
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["status"] == "passed" and data["failed_checks"] == [] and data["checks"]
+    rows = {(row["dtype"], row["N"], row["C"]): row for row in data["timing"]}
+    goal_row = rows[("float16", 256, 1000)]
+    assert goal_row["speedup"] > 0 and goal_row["speedup_vs_inductor_ce"] > 0
+    assert "inductor_ce_ms" not in rows[("float32", 256, 1000)]  # only the chosen rows compile
+    assert {goal["goal"] for goal in data["goals"]} >= {
+        "fused >= 10x eager at 256x1000 float16 (wsld, eager launches)",
+        ">= 70% of copy bandwidth at 4096x21843 float16",
+    }
+
+
 # --- bench_data -----------------------------------------------------------------------------------
 
 
