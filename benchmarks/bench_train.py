@@ -163,10 +163,12 @@ def bench_variant(
         # After the timed steps, so the profiler's overhead never touches the img/s above.
         out_dir = Path(args.profile) / variant.replace("/", "_").replace(":", "-")
         profiler = StepProfiler(out_dir, skip=1, steps=args.profile_steps, device=device, rank=0)
+        state.profiler = profiler  # the step marks its phases while a profiler is attached
         while profiler.active:
             train_step(state, images, labels)
             profiler.step()
         sync(device)
+        state.profiler = None
         row["profile"] = profiler.result
     del state, models, images, labels, terms
     _release(device)
@@ -366,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
             profile = row["profile"]
             print(f"\n{row['variant']}: top operators over {profile['steps']} profiled steps "
                   f"(full tables and trace in {profile['dir']})")  # fmt: skip
+            print(
+                format_table(
+                    profile["phases"], list(profile["phases"][0]) if profile["phases"] else []
+                )
+            )
             time_key = "self_device_us" if device.type == "cuda" else "self_cpu_us"
             print(format_table(
                 [{"name": op["name"][:70], "calls": op["calls"], "share": op["share"],

@@ -234,6 +234,11 @@ class TrainConfig:
         "steps before profiling starts (>= 1: the first step compiles and warms up)", default=5
     )
     profile_steps: int = _doc("steps recorded by train.profile", default=5)
+    nvtx: bool = _doc(
+        "NVTX ranges around each step's phases (fastkd/teacher, student_forward, loss, backward, "
+        "optimizer) for Nsight Systems (nsys profile --trace=cuda,nvtx); free when no tool listens",
+        default=False,
+    )
 
 
 @dataclass

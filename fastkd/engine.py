@@ -313,6 +313,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+PHASES = ("teacher", "student_forward", "loss", "backward", "optimizer")
+
+
+@contextlib.contextmanager
+def _nvtx_and_profiler_range(name: str):
+    with torch.profiler.record_function(name):
+        torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            torch.cuda.nvtx.range_pop()
+
+
+def _phase_marker(state: TrainState) -> Callable[[str], contextlib.AbstractContextManager]:
+    """Context managers naming the step's phases (``fastkd/<phase>``) for torch.profiler (while
+    ``train.profile`` records) and NVTX (``train.nvtx``); no-ops otherwise."""
+    nvtx, profiling = state.cfg.nvtx, state.profiler is not None
+    if nvtx:
+        if profiling:
+            return lambda phase: _nvtx_and_profiler_range(f"fastkd/{phase}")
+        return lambda phase: torch.cuda.nvtx.range(f"fastkd/{phase}")
+    if profiling:
+        return lambda phase: torch.profiler.record_function(f"fastkd/{phase}")
+    return lambda phase: contextlib.nullcontext()
+
+
 def train_step(
     state: TrainState, images: torch.Tensor, labels: torch.Tensor
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -321,21 +347,26 @@ def train_step(
     Returns the detached loss terms and the student's logits; nothing here waits for the device.
     """
     device = state.device
+    phase = _phase_marker(state)
     if state.cfg.compile and state.cfg.compile_mode in ("reduce-overhead", "max-autotune"):
         # CUDA-graph modes: a new step may overwrite the previous step's graph outputs.
         torch.compiler.cudagraph_mark_step_begin()
     with state.precision.autocast(device):
         teacher_logits = None
         if state.teacher is not None:
-            with torch.no_grad():
+            with phase("teacher"), torch.no_grad():
                 teacher_logits = state.teacher(images)
-        student_logits = state.student(images)
-        total, terms = state.objective(student_logits, teacher_logits, labels)
-    state.optimizer.zero_grad(set_to_none=True)
-    state.scaler.scale(total).backward()
-    state.scaler.step(state.optimizer)
-    state.scaler.update()
-    state.scheduler.step()
+        with phase("student_forward"):
+            student_logits = state.student(images)
+        with phase("loss"):
+            total, terms = state.objective(student_logits, teacher_logits, labels)
+    with phase("backward"):
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(total).backward()
+    with phase("optimizer"):
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.scheduler.step()
     return terms, student_logits
 
 

@@ -9,7 +9,9 @@ under ``run.dir/profile/`` (one set per rank, ``rank{R}`` in the names):
 * ``ops_rank0.txt``: PyTorch's operator table, sorted by self device time on a GPU (self CPU time
   on the CPU);
 * ``ops_rank0.json``: the top operators and kernels as data (name, calls, self/total device and
-  CPU time in microseconds, per step), which is what benchmarks embed in their JSON.
+  CPU time in microseconds, per step) and the time per step of each phase of the training step
+  (teacher, student_forward, loss, backward, optimizer; CPU and device time), which is what
+  benchmarks embed in their JSON.
 
 The profiled steps (and the trace export) are slower than the others: the trainer leaves them out
 of its images/sec. ``benchmarks/bench_train.py --profile DIR`` profiles a variant the same way.
@@ -26,12 +28,14 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
-__all__ = ["StepProfiler", "top_ops"]
+__all__ = ["StepProfiler", "phase_times", "top_ops"]
 
 log = logging.getLogger(__name__)
 
 # The profiler's per-step marker wraps everything else: it is not an operator.
 _STEP_MARKER = "ProfilerStep"
+# The training step's phase ranges (engine.train_step): reported apart, not as operators.
+_PHASE_PREFIX = "fastkd/"
 
 
 def top_ops(prof: profile, *, device: bool, steps: int, limit: int = 25) -> list[dict[str, Any]]:
@@ -41,7 +45,7 @@ def top_ops(prof: profile, *, device: bool, steps: int, limit: int = 25) -> list
     microseconds: totals over the profiled steps and per step.
     """
     key = "self_device_time_total" if device else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if not e.key.startswith(_STEP_MARKER)]
+    events = [e for e in prof.key_averages() if not e.key.startswith((_STEP_MARKER, _PHASE_PREFIX))]
     events.sort(key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events) or 1.0
     rows = []
@@ -59,6 +63,23 @@ def top_ops(prof: profile, *, device: bool, steps: int, limit: int = 25) -> list
         row["self_us_per_step"] = getattr(event, key) / max(1, steps)
         rows.append(row)
     return rows
+
+
+def phase_times(prof: profile, *, device: bool, steps: int) -> list[dict[str, Any]]:
+    """Time per step of each ``fastkd/<phase>`` range the training step marks (engine.PHASES):
+    CPU time (Python + dispatch + launches) and, on a GPU, the device time of its kernels."""
+    phases = []
+    for event in prof.key_averages():
+        if not event.key.startswith(_PHASE_PREFIX):
+            continue
+        row = {
+            "phase": event.key.removeprefix(_PHASE_PREFIX),
+            "cpu_ms_per_step": event.cpu_time_total / 1e3 / max(1, steps),
+        }
+        if device:
+            row["device_ms_per_step"] = event.device_time_total / 1e3 / max(1, steps)
+        phases.append(row)
+    return phases
 
 
 class StepProfiler:
@@ -109,9 +130,21 @@ class StepProfiler:
         table = prof.key_averages().table(sort_by=sort_by, row_limit=40)
         (self.out_dir / f"ops_{tag}.txt").write_text(table + "\n")
         ops = top_ops(prof, device=on_device, steps=recorded)
-        payload = {"steps": recorded, "device": self.device_type, "sorted_by": sort_by, "ops": ops}
+        phases = phase_times(prof, device=on_device, steps=recorded)
+        payload = {
+            "steps": recorded,
+            "device": self.device_type,
+            "sorted_by": sort_by,
+            "phases": phases,
+            "ops": ops,
+        }
         (self.out_dir / f"ops_{tag}.json").write_text(json.dumps(payload, indent=2) + "\n")
-        self.result = {"steps": recorded, "dir": str(self.out_dir), "top_ops": ops[:10]}
+        self.result = {
+            "steps": recorded,
+            "dir": str(self.out_dir),
+            "phases": phases,
+            "top_ops": ops[:10],
+        }
         log.info(
             "profile of %d steps written to %s (open %s in https://ui.perfetto.dev)",
             recorded,

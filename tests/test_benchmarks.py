@@ -129,6 +129,10 @@ def test_bench_train_profiles_the_chosen_variant(tmp_path):
     assert "profile" not in rows["eager/fp32/nchw"]
     profile = rows["eager/fp32/cl"]["profile"]
     assert profile["steps"] == 2 and profile["top_ops"]
+    assert [p["phase"] for p in profile["phases"]]  # the step's phases, timed
+    assert {p["phase"] for p in profile["phases"]} == {
+        "teacher", "student_forward", "loss", "backward", "optimizer"
+    }  # fmt: skip
     assert any("conv" in op["name"] for op in profile["top_ops"])
     assert (tmp_path / "prof" / "eager_fp32_cl" / "trace_rank0.json").is_file()
 

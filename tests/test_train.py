@@ -13,6 +13,7 @@ import torchvision
 import yaml
 
 from fastkd import checkpoint as ckpt_io
+from fastkd import engine
 from fastkd.config import ConfigError, load_config
 from fastkd.distributed import DistInfo
 from fastkd.engine import evaluate, resolve_precision, train_step
@@ -124,15 +125,24 @@ def test_training_writes_the_run_folder(tiny_imagefolder, tmp_path):
     assert {"optimizer", "scheduler", "student", "config"} <= state.keys()
 
 
-@pytest.mark.parametrize(("profile_steps", "recorded"), [(1, 1), (5, 2)])
-def test_profile_writes_trace_and_top_ops(tiny_imagefolder, tmp_path, profile_steps, recorded):
+@pytest.mark.parametrize(("profile_steps", "recorded", "nvtx"), [(1, 1, False), (5, 2, True)])
+def test_profile_writes_trace_and_top_ops(
+    tiny_imagefolder, tmp_path, profile_steps, recorded, nvtx
+):
     """train.profile records steps after the compile step and writes trace + tables once; an
-    epoch shorter than the window (3 steps here) writes what it recorded and profiling stops."""
+    epoch shorter than the window (3 steps here) writes what it recorded and profiling stops.
+    The step's phases are timed; NVTX ranges (train.nvtx) may wrap them too."""
     config = write_config(
         tmp_path,
         tiny_imagefolder,
         loss={"kind": "wsld"},
-        train={"epochs": 2, "profile": True, "profile_skip": 1, "profile_steps": profile_steps},
+        train={
+            "epochs": 2,
+            "profile": True,
+            "profile_skip": 1,
+            "profile_steps": profile_steps,
+            "nvtx": nvtx,
+        },
     )
     run(load_config(config))
     profile_dir = tmp_path / "run" / "profile"
@@ -149,7 +159,11 @@ def test_profile_writes_trace_and_top_ops(tiny_imagefolder, tmp_path, profile_st
     assert any("conv" in name for name in names), names
     traced = {event.get("name") for event in trace["traceEvents"]}
     assert "fastkd::wsld_ce" in traced and "fastkd::wsld_backward" in traced  # the fused loss
-    assert not any(name.startswith("ProfilerStep") for name in names)
+    assert not any(name.startswith(("ProfilerStep", "fastkd/")) for name in names)
+    assert [p["phase"] for p in ops["phases"]] and {p["phase"] for p in ops["phases"]} == set(
+        engine.PHASES
+    )
+    assert all(p["cpu_ms_per_step"] > 0 for p in ops["phases"])
     assert all(op["self_cpu_us"] >= 0 and 0 <= op["share"] <= 1 for op in ops["ops"])
     records = read_metrics(tmp_path / "run")
     profiles = [r for r in records if r["event"] == "profile"]
