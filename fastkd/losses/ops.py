@@ -38,8 +38,6 @@ __all__ = [
     "check_inputs",
     "extension",
     "fused_available",
-    "wsld_ce_fused",
-    "wsld_fused",
 ]
 
 BUILD_COMMAND = "pip install --no-build-isolation -e ."
@@ -136,31 +134,6 @@ def accumulate_dtype(student_logits: Tensor, teacher_logits: Tensor) -> torch.dt
     if torch.float64 in (student_logits.dtype, teacher_logits.dtype):
         return torch.float64
     return torch.float32
-
-
-def wsld_fused(
-    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, tau: float, loss_weight: float
-) -> Tensor:
-    """The WSLD loss from ``torch.ops.fastkd.wsld`` (differentiable w.r.t. the student)."""
-    loss, _ = torch.ops.fastkd.wsld.default(
-        student_logits, teacher_logits, labels, float(tau), float(loss_weight)
-    )
-    return loss
-
-
-def wsld_ce_fused(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    labels: Tensor,
-    tau: float,
-    loss_weight: float,
-    ce_weight: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(total, ce, wsld, weight_mean) from ``torch.ops.fastkd.wsld_ce``; only total has a grad."""
-    total, ce, wsld, weight_mean, _ = torch.ops.fastkd.wsld_ce.default(
-        student_logits, teacher_logits, labels, float(tau), float(loss_weight), float(ce_weight)
-    )
-    return total, ce, wsld, weight_mean
 
 
 def _fake_forward_outputs(

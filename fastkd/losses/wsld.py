@@ -156,7 +156,10 @@ def wsld_loss(
     when built for the logits' device). Works under autocast and ``torch.compile(fullgraph=True)``.
     """
     if _use_fused(impl, student_logits):
-        return ops.wsld_fused(student_logits, teacher_logits, labels, tau, loss_weight)
+        loss, _ = torch.ops.fastkd.wsld.default(
+            student_logits, teacher_logits, labels, float(tau), float(loss_weight)
+        )
+        return loss
     terms = wsld_reference(
         student_logits, teacher_logits, labels, tau=tau, loss_weight=loss_weight, ce_weight=0.0
     )
@@ -179,9 +182,11 @@ def wsld_ce_loss(
     student's log-sum-exp. ``impl`` as in ``wsld_loss``.
     """
     if _use_fused(impl, student_logits):
-        return LossTerms(
-            *ops.wsld_ce_fused(student_logits, teacher_logits, labels, tau, loss_weight, ce_weight)
+        # The op's autograd formula (C++) gives total its gradient; row_stats is for backward.
+        *terms, _ = torch.ops.fastkd.wsld_ce.default(
+            student_logits, teacher_logits, labels, float(tau), float(loss_weight), float(ce_weight)
         )
+        return LossTerms(*terms)
     return wsld_reference(
         student_logits,
         teacher_logits,
