@@ -170,10 +170,6 @@ at::Tensor scalar_tensor(double value, const at::TensorOptions& options) {
   return out;
 }
 
-struct ForwardOutputs {
-  at::Tensor total, ce, wsld, weight_mean, row_stats;
-};
-
 ForwardOutputs forward_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                            const at::Tensor& labels, double tau, double loss_weight,
                            double ce_weight, const char* op_name) {
@@ -223,23 +219,6 @@ ForwardOutputs forward_cpu(const at::Tensor& student_logits, const at::Tensor& t
   return {scalar_tensor(total, options), scalar_tensor(ce, options),
           scalar_tensor(wsld, options), scalar_tensor(weight_sum * inv_rows, options),
           row_stats};
-}
-
-std::tuple<at::Tensor, at::Tensor> wsld_cpu(const at::Tensor& student_logits,
-                                            const at::Tensor& teacher_logits,
-                                            const at::Tensor& labels, double tau,
-                                            double loss_weight) {
-  ForwardOutputs out = forward_cpu(student_logits, teacher_logits, labels, tau, loss_weight,
-                                   /*ce_weight=*/0.0, "fastkd::wsld");
-  return {out.wsld, out.row_stats};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wsld_ce_cpu(
-    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& labels,
-    double tau, double loss_weight, double ce_weight) {
-  ForwardOutputs out = forward_cpu(student_logits, teacher_logits, labels, tau, loss_weight,
-                                   ce_weight, "fastkd::wsld_ce");
-  return {out.total, out.ce, out.wsld, out.weight_mean, out.row_stats};
 }
 
 at::Tensor wsld_backward_cpu(const at::Tensor& grad, const at::Tensor& student_logits,
@@ -409,8 +388,8 @@ TORCH_LIBRARY(fastkd, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
-  m.impl("wsld", &wsld_cpu);
-  m.impl("wsld_ce", &wsld_ce_cpu);
+  m.impl("wsld", &wsld_kernel<&forward_cpu>);
+  m.impl("wsld_ce", &wsld_ce_kernel<&forward_cpu>);
   m.impl("wsld_backward", &wsld_backward_cpu);
 }
 

@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <tuple>
 
 namespace fastkd {
 
@@ -69,6 +70,36 @@ PreparedInputs prepare_inputs(const at::Tensor& student_logits, const at::Tensor
 // Validates the extra arguments of fastkd::wsld_backward against the prepared inputs.
 void check_backward_args(const at::Tensor& grad, const at::Tensor& row_stats,
                          const PreparedInputs& inputs);
+
+// What a device's forward computes: the batch means (0-dim) and the per-row statistics.
+struct ForwardOutputs {
+  at::Tensor total, ce, wsld, weight_mean, row_stats;
+};
+
+// A device's forward: (s, t, labels, tau, loss_weight, ce_weight, op_name) -> ForwardOutputs.
+using ForwardFn = ForwardOutputs (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     double, double, double, const char*);
+
+// The two forward ops' kernels for one device, from its forward: fastkd::wsld returns the WSLD
+// term alone (ce_weight 0), fastkd::wsld_ce every term.
+template <ForwardFn Forward>
+std::tuple<at::Tensor, at::Tensor> wsld_kernel(const at::Tensor& student_logits,
+                                               const at::Tensor& teacher_logits,
+                                               const at::Tensor& labels, double tau,
+                                               double loss_weight) {
+  ForwardOutputs out = Forward(student_logits, teacher_logits, labels, tau, loss_weight,
+                               /*ce_weight=*/0.0, "fastkd::wsld");
+  return {out.wsld, out.row_stats};
+}
+
+template <ForwardFn Forward>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wsld_ce_kernel(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& labels,
+    double tau, double loss_weight, double ce_weight) {
+  ForwardOutputs out = Forward(student_logits, teacher_logits, labels, tau, loss_weight, ce_weight,
+                               "fastkd::wsld_ce");
+  return {out.total, out.ce, out.wsld, out.weight_mean, out.row_stats};
+}
 
 // The dtype the kernels accumulate in and return statistics and losses in: float64 for float64
 // inputs (gradcheck), float32 for everything else.

@@ -588,10 +588,6 @@ void dispatch_mode(double tau, Fn&& fn) {
   }
 }
 
-struct ForwardOutputs {
-  at::Tensor total, ce, wsld, weight_mean, row_stats;
-};
-
 ForwardOutputs forward_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                             const at::Tensor& labels, double tau, double loss_weight,
                             double ce_weight, const char* op_name) {
@@ -617,23 +613,6 @@ ForwardOutputs forward_cuda(const at::Tensor& student_logits, const at::Tensor& 
       out.wsld.mutable_data_ptr<float>(), out.weight_mean.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> wsld_cuda(const at::Tensor& student_logits,
-                                             const at::Tensor& teacher_logits,
-                                             const at::Tensor& labels, double tau,
-                                             double loss_weight) {
-  ForwardOutputs out = forward_cuda(student_logits, teacher_logits, labels, tau, loss_weight,
-                                    /*ce_weight=*/0.0, "fastkd::wsld");
-  return {out.wsld, out.row_stats};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wsld_ce_cuda(
-    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& labels,
-    double tau, double loss_weight, double ce_weight) {
-  ForwardOutputs out = forward_cuda(student_logits, teacher_logits, labels, tau, loss_weight,
-                                    ce_weight, "fastkd::wsld_ce");
-  return {out.total, out.ce, out.wsld, out.weight_mean, out.row_stats};
 }
 
 at::Tensor wsld_backward_cuda(const at::Tensor& grad, const at::Tensor& student_logits,
@@ -667,8 +646,8 @@ at::Tensor wsld_backward_cuda(const at::Tensor& grad, const at::Tensor& student_
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
-  m.impl("wsld", &wsld_cuda);
-  m.impl("wsld_ce", &wsld_ce_cuda);
+  m.impl("wsld", &wsld_kernel<&forward_cuda>);
+  m.impl("wsld_ce", &wsld_ce_kernel<&forward_cuda>);
   m.impl("wsld_backward", &wsld_backward_cuda);
 }
 
