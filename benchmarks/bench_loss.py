@@ -176,53 +176,30 @@ def bench_size(
     def grad_of(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], object]:
         return lambda: torch.autograd.grad(loss_fn(), student)
 
+    def eager_objective(s, t, y):  # what a trainer using mmrazor computes: CE + WSLD
+        return ce_weight * F.cross_entropy(s, y) + mmrazor_wsld(s, t, y, tau, loss_weight, zero)
+
+    def terms_total(impl: str) -> torch.Tensor:
+        terms = wsld_ce_loss(
+            student, teacher, labels, tau=tau, loss_weight=loss_weight, ce_weight=ce_weight,
+            impl=impl,
+        )  # fmt: skip
+        return terms.total
+
     variants: dict[str, Callable[[], object]] = {
         "eager": grad_of(lambda: mmrazor_wsld(student, teacher, labels, tau, loss_weight, zero)),
-        "eager_ce": grad_of(
-            lambda: (
-                ce_weight * F.cross_entropy(student, labels)
-                + mmrazor_wsld(student, teacher, labels, tau, loss_weight, zero)
-            )
-        ),
-        "reference_ce": grad_of(
-            lambda: (
-                wsld_ce_loss(
-                    student,
-                    teacher,
-                    labels,
-                    tau=tau,
-                    loss_weight=loss_weight,
-                    ce_weight=ce_weight,
-                    impl="reference",
-                ).total
-            )
-        ),
+        "eager_ce": grad_of(lambda: eager_objective(student, teacher, labels)),
+        "reference_ce": grad_of(lambda: terms_total("reference")),
     }
     if inductor:
-
-        def objective(s, t, y):
-            return ce_weight * F.cross_entropy(s, y) + mmrazor_wsld(s, t, y, tau, loss_weight, zero)
-
-        compiled_objective = torch.compile(objective, dynamic=False)
+        compiled_objective = torch.compile(eager_objective, dynamic=False)
         variants["inductor_ce"] = grad_of(lambda: compiled_objective(student, teacher, labels))
     fused = fused_available(device)
     if fused:
         variants["fused"] = grad_of(
             lambda: wsld_loss(student, teacher, labels, tau, loss_weight, impl="fused")
         )
-        variants["fused_ce"] = grad_of(
-            lambda: (
-                wsld_ce_loss(
-                    student,
-                    teacher,
-                    labels,
-                    tau=tau,
-                    loss_weight=loss_weight,
-                    ce_weight=ce_weight,
-                    impl="fused",
-                ).total
-            )
-        )
+        variants["fused_ce"] = grad_of(lambda: terms_total("fused"))
         detached = student.detach()
 
         def kernels() -> object:
