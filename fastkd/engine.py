@@ -317,26 +317,22 @@ PHASES = ("teacher", "student_forward", "loss", "backward", "optimizer")
 
 
 @contextlib.contextmanager
-def _nvtx_and_profiler_range(name: str):
-    with torch.profiler.record_function(name):
-        torch.cuda.nvtx.range_push(name)
-        try:
-            yield
-        finally:
-            torch.cuda.nvtx.range_pop()
+def _marked(name: str, *, profiler: bool, nvtx: bool):
+    with contextlib.ExitStack() as stack:
+        if profiler:
+            stack.enter_context(torch.profiler.record_function(name))
+        if nvtx:
+            stack.enter_context(torch.cuda.nvtx.range(name))
+        yield
 
 
 def _phase_marker(state: TrainState) -> Callable[[str], contextlib.AbstractContextManager]:
     """Context managers naming the step's phases (``fastkd/<phase>``) for torch.profiler (while
     ``train.profile`` records) and NVTX (``train.nvtx``); no-ops otherwise."""
-    nvtx, profiling = state.cfg.nvtx, state.profiler is not None
-    if nvtx:
-        if profiling:
-            return lambda phase: _nvtx_and_profiler_range(f"fastkd/{phase}")
-        return lambda phase: torch.cuda.nvtx.range(f"fastkd/{phase}")
-    if profiling:
-        return lambda phase: torch.profiler.record_function(f"fastkd/{phase}")
-    return lambda phase: contextlib.nullcontext()
+    profiler, nvtx = state.profiler is not None, state.cfg.nvtx
+    if not (profiler or nvtx):
+        return lambda phase: contextlib.nullcontext()
+    return lambda phase: _marked(f"fastkd/{phase}", profiler=profiler, nvtx=nvtx)
 
 
 def train_step(
@@ -370,6 +366,16 @@ def train_step(
     return terms, student_logits
 
 
+@dataclass
+class _Interval:
+    """The steps since the last log line (or the compile/profiled steps left out of img/s)."""
+
+    start: float
+    steps: int = 0
+    images: int = 0
+    wait_s: float = 0.0
+
+
 def _finish_profile(state: TrainState, epoch: int) -> None:
     _sync(state.device)
     profiler, state.profiler = state.profiler, None
@@ -386,10 +392,9 @@ def train_one_epoch(
     term_sums: dict[str, torch.Tensor] = {}
     correct = torch.zeros((), device=device, dtype=torch.float64)
     steps_done = images_seen = 0
-    interval_steps = interval_images = 0
-    interval_wait_s = 0.0
     timed_images, timed_s = 0, 0.0  # throughput excludes the compile/warm-up step
-    epoch_start = interval_start = time.perf_counter()
+    epoch_start = time.perf_counter()
+    interval = _Interval(epoch_start)
     iterator = iter(loader)
     for step in range(steps):
         wait_start = time.perf_counter()
@@ -397,7 +402,7 @@ def train_one_epoch(
             images, labels = next(iterator)
         except StopIteration:
             break
-        interval_wait_s += time.perf_counter() - wait_start
+        interval.wait_s += time.perf_counter() - wait_start
 
         terms, student_logits = train_step(state, images, labels)
         profiled = state.profiler is not None and state.profiler.step()
@@ -409,8 +414,8 @@ def train_one_epoch(
         steps_done += 1
         state.global_step += 1
         images_seen += labels.shape[0]
-        interval_steps += 1
-        interval_images += labels.shape[0]
+        interval.steps += 1
+        interval.images += labels.shape[0]
 
         if state.compile_time_s is None:
             # The run's first step compiles (torch.compile) and warms up: report it, never count it.
@@ -420,23 +425,13 @@ def train_one_epoch(
                 "compile", epoch=epoch, seconds=round(state.compile_time_s, 3), compiled=cfg.compile
             )
             log.info("first step (compile + warm-up) took %.1fs", state.compile_time_s)
-            interval_start, interval_steps, interval_images, interval_wait_s = (
-                time.perf_counter(),
-                0,
-                0,
-                0.0,
-            )
+            interval = _Interval(time.perf_counter())
             continue
         if profiled:
             # The profiled steps and the trace export are slower than training: keep them out
             # of images/sec, as the compile step is.
             _finish_profile(state, epoch)
-            interval_start, interval_steps, interval_images, interval_wait_s = (
-                time.perf_counter(),
-                0,
-                0,
-                0.0,
-            )
+            interval = _Interval(time.perf_counter())
             continue
         if (step + 1) % cfg.log_every != 0 and step != steps - 1:
             continue
@@ -449,10 +444,10 @@ def train_one_epoch(
                 strict=True,
             )
         )
-        elapsed = max(1e-9, time.perf_counter() - interval_start)
-        timed_images, timed_s = timed_images + interval_images, timed_s + elapsed
-        img_per_s = interval_images * dist.world_size / elapsed
-        wait_frac = min(1.0, interval_wait_s / elapsed)
+        elapsed = max(1e-9, time.perf_counter() - interval.start)
+        timed_images, timed_s = timed_images + interval.images, timed_s + elapsed
+        img_per_s = interval.images * dist.world_size / elapsed
+        wait_frac = min(1.0, interval.wait_s / elapsed)
         lr = state.optimizer.param_groups[0]["lr"]
         extra = {}
         if state.flops_per_image and state.peak_flops:
@@ -464,7 +459,7 @@ def train_one_epoch(
             img_per_s=img_per_s, data_wait_frac=wait_frac, **record, **extra,
         )  # fmt: skip
         remaining_steps = (steps - step - 1) + (epochs - epoch) * steps
-        eta_s = remaining_steps * elapsed / max(1, interval_steps)
+        eta_s = remaining_steps * elapsed / max(1, interval.steps)
         terms_text = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "loss")
         mfu_text = f" mfu {extra['mfu']:.1%}" if "mfu" in extra else ""
         if "max_mem_gib" in extra:
@@ -481,22 +476,17 @@ def train_one_epoch(
                 "raise data.workers, use data.backend=dali (GPU decode) or put the data on faster storage",
                 stacklevel=2,
             )
-        interval_start, interval_steps, interval_images, interval_wait_s = (
-            time.perf_counter(),
-            0,
-            0,
-            0.0,
-        )
+        interval = _Interval(time.perf_counter())
 
     _sync(device)
     if state.profiler is not None:  # the epoch ended first: write what was recorded
         state.profiler.close()
         _finish_profile(state, epoch)
     epoch_s = time.perf_counter() - epoch_start
-    if interval_images:  # steps after the last log line (the loader ended early)
+    if interval.images:  # steps after the last log line (the loader ended early)
         timed_images, timed_s = (
-            timed_images + interval_images,
-            timed_s + time.perf_counter() - interval_start,
+            timed_images + interval.images,
+            timed_s + time.perf_counter() - interval.start,
         )
     if timed_s <= 0:  # a one-step epoch: only the warm-up step exists, report it as it is
         timed_images, timed_s = images_seen, epoch_s
