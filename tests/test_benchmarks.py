@@ -214,9 +214,14 @@ def test_bench_data_both_backends(tmp_path, tiny_imagefolder):
         "--json", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    data = load(out)
-    text = json.dumps(data["results"])
-    assert "dali" in text and "torch" in text
+    torch_row, dali_row, ratio = load(out)["results"]
+    assert (torch_row["backend"], torch_row["loader"]) == ("torch", "torch")
+    assert dali_row["backend"] == "dali" and dali_row["loader"].startswith("dali")  # no fallback
+    # 24 training images in batches of 4; the first batch (warm-up) is not timed or counted.
+    assert torch_row["images"] == dali_row["images"] == 20
+    assert torch_row["img_per_s"] > 0 and dali_row["img_per_s"] > 0
+    ratio_value = dali_row["img_per_s"] / torch_row["img_per_s"]
+    assert ratio["ratio_dali_over_torch"] == pytest.approx(ratio_value)
 
 
 def test_bench_data_missing_root_is_one_clear_error(tmp_path):
