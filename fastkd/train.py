@@ -15,6 +15,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,15 @@ def build_train_state(
 ) -> TrainState:
     """Optimizer, per-step schedule, grad scaler and objective around ``models``."""
     optimizer, optimizer_name = build_optimizer(models.student, cfg.optim, dist.device)
+    if precision.use_scaler and not getattr(optimizer, "_step_supports_amp_scaling", False):
+        # GradScaler.step reads the inf check back (.item()) unless the optimizer takes it as a
+        # tensor, as torch's fused SGD does: one host synchronization per step.
+        warnings.warn(
+            f"fp16 loss scaling with {optimizer_name}: the grad scaler synchronizes the host with "
+            "the GPU at every step to skip steps with inf/NaN gradients; optim.fused=auto (torch's "
+            "fused SGD) checks on the GPU instead",
+            stacklevel=2,
+        )
     scheduler = build_scheduler(
         optimizer,
         cfg.sched,

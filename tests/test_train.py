@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -379,3 +380,95 @@ def test_print_config(tiny_imagefolder, tmp_path):
     result = run_cli("fastkd.train", "--config", str(config), "optim.lr=0.3", "--print-config")
     assert result.returncode == 0
     assert yaml.safe_load(result.stdout)["optim"]["lr"] == 0.3
+
+
+@pytest.mark.parametrize(
+    ("loss_kind", "precision"),
+    [("wsld", "fp32"), ("kd", "fp32"), ("ce", "fp32"), ("wsld", "fp16+scaler")],
+)
+def test_hot_loop_reads_the_device_only_at_log_lines(
+    loss_kind, precision, tiny_imagefolder, tmp_path, monkeypatch
+):
+    """No host synchronization per step: every device read in an epoch happens at a log line.
+
+    On the CPU nothing really synchronizes, so every way Python reads a tensor's value (``item``,
+    ``tolist``, ``bool``/``float``/``int``, ``numpy``) and ``engine._sync`` are counted instead,
+    each tagged with the step the loop is on. On CUDA each of them would stall the stream.
+    "fp16+scaler" is the V100 path (fp16 autocast and a GradScaler, forced here on the CPU): the
+    fused optimizer takes the scaler's inf check on the device, where an unfused one would make
+    ``GradScaler.step`` call ``.item()`` every step.
+    """
+    cfg = load_config(
+        write_config(
+            tmp_path, tiny_imagefolder, loss={"kind": loss_kind, "tau": 2.0},
+            train={"log_every": 4},
+        )
+    )  # fmt: skip
+    models = build_models(cfg, 4, CPU)
+    state = build_train_state(
+        cfg, models, dist=CPU,
+        precision=(
+            engine.Precision("fp16", torch.float16, use_scaler=True)
+            if precision == "fp16+scaler" else resolve_precision("off", CPU.device)
+        ),
+        steps_per_epoch=11, metrics=MetricsWriter(tmp_path, enabled=False),
+    )  # fmt: skip
+    assert state.scaler.is_enabled() == (precision == "fp16+scaler")
+    torch.manual_seed(0)
+    batches = [
+        (
+            torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last),
+            torch.arange(8) % 4,
+        )
+        for _ in range(11)
+    ]
+    current = {"step": 0}
+
+    def loader():
+        for step, batch in enumerate(batches, start=1):
+            current["step"] = step
+            yield batch
+
+    reads: list[tuple[str, int]] = []
+
+    def counting(name, original):
+        def wrapper(*args, **kwargs):
+            reads.append((name, current["step"]))
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(engine, "_sync", counting("_sync", engine._sync))
+
+    result = engine.train_one_epoch(state, loader(), epoch=1, epochs=1, steps=11)
+    monkeypatch.undo()
+
+    assert result["img_per_s"] > 0
+    # Step 1 is the compile/warm-up step, timed with one sync; log lines at steps 4 and 8 and at
+    # the epoch's last step (11), which also ends the epoch (a sync and the epoch's totals).
+    steps_with_reads = sorted({step for _, step in reads})
+    assert steps_with_reads == [1, 4, 8, 11], reads
+    per_log_line = [name for name, step in reads if step == 4]
+    assert per_log_line == ["tolist"], reads
+
+
+@pytest.mark.parametrize(("fused", "warns"), [("auto", False), ("off", True)])
+def test_fp16_scaler_with_an_optimizer_that_syncs_is_announced(
+    fused, warns, tiny_imagefolder, tmp_path
+):
+    """fp16 + GradScaler with an optimizer that cannot take the inf check as a tensor (unfused
+    SGD, apex FusedSGD) syncs every step: the run says so once, at setup."""
+    cfg = load_config(write_config(tmp_path, tiny_imagefolder, optim={"lr": 0.05, "fused": fused}))
+    models = build_models(cfg, 4, CPU)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_train_state(
+            cfg, models, dist=CPU, precision=engine.Precision("fp16", torch.float16, True),
+            steps_per_epoch=3, metrics=MetricsWriter(tmp_path, enabled=False),
+        )  # fmt: skip
+    messages = [str(w.message) for w in caught if "synchronizes the host" in str(w.message)]
+    assert len(messages) == int(warns), messages
+    if warns:
+        assert "torch SGD (unfused)" in messages[0] and "optim.fused=auto" in messages[0]
