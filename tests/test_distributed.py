@@ -1,9 +1,11 @@
-"""torchrun + DDP on the CPU (Gloo): two processes train one model and count every val image once."""
+"""torchrun + DDP on the CPU (Gloo): two ranks, on one node or on two, train one model and count
+every val image once."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +19,61 @@ from fastkd.logging import read_metrics
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(torchrun: str, config: Path, nodes: int) -> list[subprocess.CompletedProcess[str]]:
+    """Two ranks: one node running 2 processes, or 2 nodes (on this machine) running 1 each.
+
+    The two-node launch is what a multi-node job looks like to each process: LOCAL_RANK is 0
+    on both, RANK and the node rank tell them apart, and they meet at MASTER_ADDR:MASTER_PORT.
+    """
+    train = ["-m", "fastkd.train", "--config", str(config)]
+    if nodes == 1:
+        command = [torchrun, "--nproc_per_node", "2", *train]
+        return [subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)]
+    port = str(_free_port())
+    procs = [
+        subprocess.Popen(
+            [
+                torchrun,
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(node),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                *train,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )  # fmt: skip
+        for node in (1, 0)
+    ]
+    results = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            raise
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
 @pytest.mark.slow
-def test_torchrun_two_processes(tiny_imagefolder, tmp_path):
+@pytest.mark.parametrize("nodes", [1, 2], ids=["1node_x2", "2nodes_x1"])
+def test_torchrun_two_ranks(nodes, tiny_imagefolder, tmp_path):
     config = tmp_path / "ddp.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -35,11 +90,8 @@ def test_torchrun_two_processes(tiny_imagefolder, tmp_path):
         )
     )  # fmt: skip
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    result = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "-m", "fastkd.train", "--config", str(config)],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    for result in _launch(torchrun, config, nodes):
+        assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["num_val_images"] == 20  # 10 + 10 across the ranks, none twice, none missing
