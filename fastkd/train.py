@@ -248,9 +248,9 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        prepare_synthetic(
-            cfg.data
-        )  # rank 0 generates the synthetic set (when asked) before the others look
+        # Rank 0 generates the synthetic set (when asked) before the others look; on a node with
+        # its own disk, the loaders' ensure_dataset generates it there (the same files).
+        prepare_synthetic(cfg.data)
     barrier()
 
     precision = resolve_precision(cfg.train.amp, device)

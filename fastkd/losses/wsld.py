@@ -71,9 +71,13 @@ def _use_fused(impl: str, student_logits: Tensor) -> bool:
         return False
     device_type = student_logits.device.type
     if impl == "auto":
-        # float64 has CPU kernels only (it exists for gradcheck).
-        return device_type in ops._FUSED_DEVICE_TYPES and not (
-            device_type != "cpu" and student_logits.dtype == torch.float64
+        # float64 has CPU kernels only (it exists for gradcheck). Under torch.func transforms
+        # (grad, vjp, vmap: per-sample gradients and the like) the op's C++ autograd formula
+        # cannot run, so the reference formulation, which they differentiate, is used instead.
+        return (
+            device_type in ops._FUSED_DEVICE_TYPES
+            and not (device_type != "cpu" and student_logits.dtype == torch.float64)
+            and not torch._C._are_functorch_transforms_active()
         )
     if impl == "fused":
         if ops.extension is None:
@@ -92,9 +96,14 @@ def _use_fused(impl: str, student_logits: Tensor) -> bool:
 
 def _check_label_values(labels: Tensor, num_classes: int) -> None:
     """Range-check labels where that costs no device synchronization (CPU, eager)."""
-    if labels.device.type != "cpu" or labels.numel() == 0 or torch.compiler.is_compiling():
-        # On CUDA, reading the labels would stall the stream; gather's own device-side bounds
-        # check (or inductor's) reports bad labels there instead.
+    if (
+        labels.device.type != "cpu"
+        or labels.numel() == 0
+        or torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+    ):
+        # On CUDA, reading the labels would stall the stream, and traced or vmapped labels have
+        # no values to read: gather's own bounds check (or inductor's) reports bad labels there.
         return
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
@@ -153,7 +162,8 @@ def wsld_loss(
     Equal to mmrazor's ``WSLD(tau, loss_weight)(student_logits, teacher_logits)`` with
     ``gt_label = labels``; differentiable w.r.t. ``student_logits`` only. ``impl``: ``"fused"``
     (the custom op; errors if not built), ``"reference"`` (plain PyTorch) or ``"auto"`` (fused
-    when built for the logits' device). Works under autocast and ``torch.compile(fullgraph=True)``.
+    when built for the logits' device). Works under autocast and ``torch.compile(fullgraph=True)``;
+    under ``torch.func`` transforms (``grad``, ``vjp``, ``vmap``) ``"auto"`` uses the reference.
     """
     if _use_fused(impl, student_logits):
         loss, _ = torch.ops.fastkd.wsld.default(
