@@ -9,7 +9,8 @@
 # after every section, so a run cut short still leaves its results.
 #
 #   build       compile fastkd._C in place (CPU + CUDA for the local GPU's architecture)
-#   tests       pytest of the tests marked `gpu` (the CUDA op against the CPU kernel, registration)
+#   tests       pytest of the tests marked `gpu` (the CUDA op against the CPU kernel, registration;
+#               an epoch on CUDA synchronizes only at log lines, by CUDA's sync debug mode)
 #   loss_check  benchmarks/gpu_loss_check.py: CUDA op vs reference (fp32/fp16/bf16, edge cases),
 #               timing vs eager at 256x1000 ... 4096x21843 (and vs torch.compile of the eager
 #               objective at 256x1000 and 4096x21843 fp16), memory bandwidth vs a D2D copy
@@ -28,9 +29,9 @@
 #
 # Runtime on an H200 with 16 cores (2026-11-26, before trainer_cudagraphs and the compile-mode
 # variants existed): build 29 s, tests 7 s, loss_check 55 s, trainer 28 s, train 59 s for three
-# variants. Expected now: ~0.5 min more in loss_check (two torch.compile baselines), ~1 min more
-# for trainer_cudagraphs and 1-3 min more for the two extra
-# train variants (max-autotune's conv autotuning is the unknown), ~7 min in all. The per-section
+# variants. Expected now: a few seconds more in tests (tests/test_sync.py), ~0.5 min more in
+# loss_check (two torch.compile baselines), ~1 min more for trainer_cudagraphs and 1-3 min more
+# for the two extra train variants (max-autotune's conv autotuning is the unknown), ~7 min in all. The per-section
 # limits (150 + 60 + 150 + 90 + 150 + 300 s) bound it at 15 minutes; the device tool stops a
 # command at 10, and $OUT still holds every section that finished. TRAIN_VARIANTS overrides the
 # train section's variant list (the grammar is in bench_train.py's docstring).
@@ -159,9 +160,9 @@ fi
 
 # --- tests ----------------------------------------------------------------------------------------
 if "$PYTHON" -c "import pytest" 2>/dev/null; then
-  # --noconftest: these two files need no shared fixtures, and tests/conftest.py imports the
+  # --noconftest: these files need no shared fixtures, and tests/conftest.py imports the
   # data pipeline, whose optional dependencies need not be on the GPU machine.
-  section tests 60 "$OUT/tests.json" "$PYTHON" -m pytest tests/test_ops.py tests/test_losses.py \
+  section tests 60 "$OUT/tests.json" "$PYTHON" -m pytest tests/test_ops.py tests/test_losses.py tests/test_sync.py \
     -m gpu -q -p no:cacheprovider --noconftest -ra --junitxml="$WORK/tests.xml" -o junit_family=xunit2
   # Condense the junit XML into the section's JSON (counts and failing test names).
   "$PYTHON" - "$WORK/tests.xml" "$OUT/tests.json" <<'PY' || true
