@@ -162,3 +162,24 @@ def test_cuda_epoch_synchronizes_only_at_log_lines(precision, tmp_path):
     steps = sorted({step for _, step in reads})
     assert set(steps) <= set(STEPS_THAT_MAY_READ), reads
     assert LOG_EVERY in steps, f"the sync detector saw no log-line read: {reads}"
+
+
+def test_cpu_evaluate_reads_values_once_after_the_last_batch():
+    """Evaluation accumulates hits and loss on the device and reads them back once, at the end."""
+    cpu = torch.device("cpu")
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, CLASSES))
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(5, 3, 2, 2, generator=gen), torch.arange(5) % CLASSES)] * 4
+    current = {"batch": 0}
+    reads: list[tuple[str, int]] = []
+
+    def loader() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for index, batch in enumerate(batches, start=1):
+            current["batch"] = index
+            yield batch
+        current["batch"] = len(batches) + 1  # after the loop
+
+    with python_reads(lambda what: reads.append((what, current["batch"]))):
+        result = engine.evaluate(model, loader(), resolve_precision("off", cpu), cpu)
+    assert result["num_images"] == 20
+    assert reads == [("tolist", len(batches) + 1)], reads
