@@ -68,6 +68,22 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def ranks_agree(values: list[float], device: torch.device) -> bool:
+    """Whether every rank passed the same ``values`` (always True in a world of one).
+
+    A collective: every rank must call it, at the same point. For setup decisions each rank makes
+    from its own view of the filesystem, so that a disagreement becomes one error on every rank
+    instead of ranks that train different epochs and wait for each other forever.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return True
+    mine = torch.tensor(values, dtype=torch.float64, device=device)
+    extremes = torch.cat([mine, -mine])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)  # max of each value, and minus its minimum
+    highest, lowest = extremes[: len(values)], -extremes[len(values) :]
+    return bool(torch.equal(highest, lowest))
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastkd import checkpoint as ckpt_io
 from fastkd.config import Config, ConfigError, load_config, save_config, to_dict
-from fastkd.distributed import DistInfo, barrier, cleanup, init_distributed
+from fastkd.distributed import DistInfo, barrier, cleanup, init_distributed, ranks_agree
 from fastkd.engine import (
     Precision,
     TrainState,
@@ -89,6 +89,33 @@ def resolve_resume(cfg: Config) -> Path | None:
             "or pick a new run.dir; nothing was overwritten"
         )
     return None
+
+
+def agreed_resume(cfg: Config, dist: DistInfo) -> Path | None:
+    """``resolve_resume`` on every rank, checked to agree across ranks before anything starts.
+
+    Each rank looks at run.dir on its own node; when that folder is not on a shared filesystem
+    (or a node holds a stale run), ranks would resume differently or some would refuse, leaving
+    the others waiting in a collective. Disagreement is one clear error on every rank instead.
+    """
+    failure: ConfigError | None = None
+    try:
+        path = resolve_resume(cfg)
+    except ConfigError as exc:
+        path, failure = None, exc
+    outcome = 2 if failure is not None else (1 if path is not None else 0)
+    if not ranks_agree([outcome], dist.device):
+        mine = f"resumes from {path}" if path is not None else "starts a new run"
+        if failure is not None:
+            mine = f"refuses to start ({failure})"
+        raise ConfigError(
+            f"the ranks disagree about run.dir={cfg.run.dir}: rank {dist.rank} {mine}, others do "
+            "not. Every node must see the same run.dir: put it on a filesystem that all nodes "
+            "share (or clear the stale run on the node that has one)"
+        )
+    if failure is not None:
+        raise failure
+    return path
 
 
 def build_teacher(cfg: Config, num_classes: int, device: torch.device) -> tuple[nn.Module, str]:
@@ -244,7 +271,7 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
     device = dist.device
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     run_dir = Path(cfg.run.dir)
-    resume_path = resolve_resume(cfg)
+    resume_path = agreed_resume(cfg, dist)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -328,6 +355,12 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
     if resume_path is not None:
         start_epoch, best_top1 = resume_into(
             state, student, resume_path, train_loader.classes, steps
+        )
+    if not ranks_agree([start_epoch], device):
+        raise ConfigError(
+            f"the ranks resume from different epochs (rank {dist.rank}: after epoch {start_epoch}, "
+            f"from {resume_path or 'nothing'}): each node found another checkpoint. Put run.dir on "
+            "a filesystem that every node shares, or pass one checkpoint as run.resume=PATH"
         )
     metrics.write(
         "start", world_size=dist.world_size, device=str(device), backend=train_loader.backend,

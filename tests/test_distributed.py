@@ -25,49 +25,39 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(torchrun: str, config: Path, nodes: int) -> list[subprocess.CompletedProcess[str]]:
+def _launch(
+    torchrun: str, config: Path, nodes: int, node_overrides: tuple[list[str], ...] = ([], [])
+) -> list[subprocess.CompletedProcess[str]]:
     """Two ranks: one node running 2 processes, or 2 nodes (on this machine) running 1 each.
 
     The two-node launch is what a multi-node job looks like to each process: LOCAL_RANK is 0
     on both, RANK and the node rank tell them apart, and they meet at MASTER_ADDR:MASTER_PORT.
+    ``node_overrides[n]``: config overrides for node n only (two-node launch).
     """
     train = ["-m", "fastkd.train", "--config", str(config)]
     if nodes == 1:
         command = [torchrun, "--nproc_per_node", "2", *train]
         return [subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)]
     port = str(_free_port())
-    procs = [
-        subprocess.Popen(
-            [
-                torchrun,
-                "--nnodes",
-                "2",
-                "--nproc_per_node",
-                "1",
-                "--node_rank",
-                str(node),
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                port,
-                *train,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=REPO,
-        )  # fmt: skip
-        for node in (1, 0)
-    ]
+    procs = {}
+    for node in (1, 0):
+        node_args = ["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node)]
+        address = ["--master_addr", "127.0.0.1", "--master_port", port]
+        command = [torchrun, *node_args, *address, *train, *node_overrides[node]]
+        procs[node] = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+        )
     results = []
-    for proc in procs:
+    for node in (0, 1):
         try:
-            out, err = proc.communicate(timeout=300)
+            out, err = procs[node].communicate(timeout=300)
         except subprocess.TimeoutExpired:
-            for other in procs:
-                other.kill()
+            for proc in procs.values():
+                proc.kill()
             raise
-        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+        results.append(
+            subprocess.CompletedProcess(procs[node].args, procs[node].returncode, out, err)
+        )
     return results
 
 
@@ -109,3 +99,46 @@ def test_torchrun_two_ranks(nodes, tiny_imagefolder, tmp_path):
     # Both ranks trained the same replica: the exported weights load and are finite.
     state = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resume", ["auto", "unset"])
+def test_nodes_that_see_different_run_dirs_fail_clearly(resume, tiny_imagefolder, tmp_path):
+    """A run.dir that is not shared between nodes: node 0 finds a finished epoch there, node 1
+    an empty folder. With run.resume=auto node 0 would resume and node 1 start over (ranks
+    training different epochs, then waiting for each other); without it node 0 would refuse
+    and node 1 wait for it. Both must instead stop at once with the same clear error."""
+    config = tmp_path / "one.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"dir": str(tmp_path / "node0")},
+                "data": {"root": str(tiny_imagefolder), "image_size": 32, "val_resize": 36,
+                         "batch_size": 4, "workers": 1},
+                "teacher": {"arch": "resnet18", "weights": "random"},
+                "student": {"arch": "resnet18"},
+                "loss": {"kind": "ce"},
+                "train": {"epochs": 1, "compile": False, "device": "cpu"},
+            }
+        )
+    )  # fmt: skip
+    first = subprocess.run(
+        [sys.executable, "-m", "fastkd.train", "--config", str(config)],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "node0" / "last.pt").is_file()
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    common = ["train.epochs=2"] + (["run.resume=auto"] if resume == "auto" else [])
+    node_overrides = ([*common], [*common, f"run.dir={tmp_path / 'node1'}"])
+    results = _launch(torchrun, config, 2, node_overrides)
+    for node, result in enumerate(results):
+        assert result.returncode != 0, f"node {node} went on:\n{result.stderr[-3000:]}"
+        assert "fastkd: error: the ranks disagree about run.dir" in result.stderr, result.stderr[
+            -3000:
+        ]
+    assert "rank 1 starts a new run" in results[1].stderr
+    mine = "resumes from" if resume == "auto" else "refuses to start (run.dir="
+    assert f"rank 0 {mine}" in results[0].stderr
+    assert not (tmp_path / "node1").exists()  # nothing was written on the disagreeing node
