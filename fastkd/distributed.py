@@ -7,7 +7,9 @@ the process group: NCCL on GPUs, Gloo on CPUs.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +84,40 @@ def ranks_agree(values: list[float], device: torch.device) -> bool:
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX)  # max of each value, and minus its minimum
     highest, lowest = extremes[: len(values)], -extremes[len(values) :]
     return bool(torch.equal(highest, lowest))
+
+
+class PeerSetupError(RuntimeError):
+    """Another rank failed a setup step that this rank passed; this rank stops too."""
+
+
+@contextlib.contextmanager
+def fail_together(info: DistInfo, what: str) -> Iterator[None]:
+    """Run one setup step on every rank; when it raises on any rank, it raises on all of them.
+
+    Per-node inputs (a data copy on local disk, a weights file) can be missing on one node only.
+    Without this, the failing rank exits while the others wait in their next collective until a
+    timeout. Here the failing ranks raise their own error and the others `PeerSetupError` naming
+    them. The block itself must not call collectives. A no-op in a world of one.
+    """
+    if not (info.enabled and dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    failure: Exception | None = None
+    try:
+        yield
+    except Exception as exc:  # re-raised below, once every rank knows
+        failure = exc
+    flags = torch.zeros(info.world_size, dtype=torch.float32, device=info.device)
+    flags[info.rank] = float(failure is not None)
+    dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+    failed = [rank for rank, flag in enumerate(flags.tolist()) if flag]
+    if failure is not None:
+        raise failure
+    if failed:
+        raise PeerSetupError(
+            f"rank(s) {', '.join(map(str, failed))} failed while {what} (their error is in their "
+            f"output; often a path that exists on some nodes only); rank {info.rank} stops too"
+        )
 
 
 def barrier() -> None:

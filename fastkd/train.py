@@ -27,7 +27,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastkd import checkpoint as ckpt_io
 from fastkd.config import Config, ConfigError, load_config, save_config, to_dict
-from fastkd.distributed import DistInfo, barrier, cleanup, init_distributed, ranks_agree
+from fastkd.distributed import (
+    DistInfo,
+    PeerSetupError,
+    barrier,
+    cleanup,
+    fail_together,
+    init_distributed,
+    ranks_agree,
+)
 from fastkd.engine import (
     Precision,
     TrainState,
@@ -53,7 +61,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from fastkd.data import DataError
     from fastkd.models import ModelError
 
-    return (ConfigError, CheckpointError, DataError, ModelError)
+    return (ConfigError, CheckpointError, DataError, ModelError, PeerSetupError)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -165,14 +173,16 @@ def build_models(cfg: Config, num_classes: int, dist: DistInfo) -> Models:
     device = dist.device
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     torch.manual_seed(cfg.run.seed)  # identical initial student on every rank
-    student = create_model(cfg.student.arch, num_classes)
-    student_source = load_weights(
-        student, cfg.student.weights, arch=cfg.student.arch, num_classes=num_classes, role="student"
-    )
-    student = student.to(device=device, memory_format=memory_format)
-    teacher, teacher_source = None, ""
-    if cfg.loss.kind != "ce":
-        teacher, teacher_source = build_teacher(cfg, num_classes, device)
+    with fail_together(dist, "loading the models"):  # before DDP's first broadcast
+        student = create_model(cfg.student.arch, num_classes)
+        student_source = load_weights(
+            student, cfg.student.weights, arch=cfg.student.arch, num_classes=num_classes,
+            role="student",
+        )  # fmt: skip
+        student = student.to(device=device, memory_format=memory_format)
+        teacher, teacher_source = None, ""
+        if cfg.loss.kind != "ce":
+            teacher, teacher_source = build_teacher(cfg, num_classes, device)
     if cfg.train.sync_bn and dist.enabled:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     train_model: nn.Module = student
@@ -287,8 +297,9 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
         world_size=dist.world_size,
         dtype=batch_dtype(cfg, device, precision),
     )
-    train_loader = build_train_loader(cfg.data, seed=cfg.run.seed, **loader_args)
-    val_loader = build_val_loader(cfg.data, **loader_args)
+    with fail_together(dist, "building the data loaders"):
+        train_loader = build_train_loader(cfg.data, seed=cfg.run.seed, **loader_args)
+        val_loader = build_val_loader(cfg.data, **loader_args)
     num_classes = train_loader.num_classes
     steps = len(train_loader)
     if cfg.train.max_steps_per_epoch:

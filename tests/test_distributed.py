@@ -142,3 +142,42 @@ def test_nodes_that_see_different_run_dirs_fail_clearly(resume, tiny_imagefolder
     mine = "resumes from" if resume == "auto" else "refuses to start (run.dir="
     assert f"rank 0 {mine}" in results[0].stderr
     assert not (tmp_path / "node1").exists()  # nothing was written on the disagreeing node
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("override", "step", "own_error"),
+    [
+        ("data.root={missing}", "building the data loaders", "does not exist or is not a folder"),
+        ("teacher.weights={missing}/t.pt", "loading the models", "t.pt"),
+    ],
+    ids=["data", "teacher"],
+)
+def test_a_path_missing_on_one_node_stops_every_node(
+    override, step, own_error, tiny_imagefolder, tmp_path
+):
+    """Node-local copies of the data or weights, missing on node 1 only: node 1 reports its own
+    error and node 0 says which rank failed, at once, instead of waiting in DDP's first
+    broadcast until a collective timeout."""
+    config = tmp_path / "ddp.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"dir": str(tmp_path / "run")},
+                "data": {"root": str(tiny_imagefolder), "image_size": 32, "val_resize": 36,
+                         "batch_size": 4, "workers": 1},
+                "teacher": {"arch": "resnet18", "weights": "random"},
+                "student": {"arch": "resnet18"},
+                "loss": {"kind": "wsld"},
+                "train": {"epochs": 1, "compile": False, "device": "cpu"},
+            }
+        )
+    )  # fmt: skip
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    missing = override.format(missing=tmp_path / "not-on-this-node")
+    node0, node1 = _launch(torchrun, config, 2, ([], [missing]))
+    assert node1.returncode != 0 and node0.returncode != 0, node0.stderr[-2000:]
+    assert "fastkd: error:" in node1.stderr and own_error in node1.stderr, node1.stderr[-3000:]
+    expected = f"fastkd: error: rank(s) 1 failed while {step}"
+    assert expected in node0.stderr, node0.stderr[-3000:]
+    assert "rank 0 stops too" in node0.stderr
