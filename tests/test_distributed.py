@@ -61,25 +61,34 @@ def _launch(
     return results
 
 
+def _write_config(tmp_path: Path, root: Path, run_dir: Path, loss: str, **train) -> Path:
+    """A small CPU config for torchrun runs; ``train`` adds train.* keys."""
+    config = tmp_path / "ddp.yaml"
+    tree = {
+        "run": {"dir": str(run_dir)},
+        "data": {"root": str(root), "image_size": 32, "val_resize": 36, "batch_size": 4,
+                 "val_batch_size": 3, "workers": 1},
+        "teacher": {"arch": "resnet18", "weights": "random"},
+        "student": {"arch": "resnet18"},
+        "loss": {"kind": loss},
+        "train": {"epochs": 1, "compile": False, "device": "cpu", **train},
+    }  # fmt: skip
+    config.write_text(yaml.safe_dump(tree))
+    return config
+
+
+def _torchrun() -> str:
+    return shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("nodes", [1, 2], ids=["1node_x2", "2nodes_x1"])
 def test_torchrun_two_ranks(nodes, tiny_imagefolder, tmp_path):
-    config = tmp_path / "ddp.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "run": {"dir": str(tmp_path / "run")},
-                "data": {"root": str(tiny_imagefolder), "image_size": 32, "val_resize": 36,
-                         "batch_size": 4, "val_batch_size": 3, "workers": 1},
-                "teacher": {"arch": "resnet18", "weights": "random"},
-                "student": {"arch": "resnet18"},
-                "loss": {"kind": "wsld"},
-                "train": {"epochs": 2, "compile": False, "log_every": 1, "device": "cpu",
-                          "profile": True, "profile_skip": 1, "profile_steps": 1},
-            }
-        )
+    config = _write_config(
+        tmp_path, tiny_imagefolder, tmp_path / "run", "wsld", epochs=2, log_every=1,
+        profile=True, profile_skip=1, profile_steps=1,
     )  # fmt: skip
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    torchrun = _torchrun()
     for result in _launch(torchrun, config, nodes):
         assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -108,20 +117,7 @@ def test_nodes_that_see_different_run_dirs_fail_clearly(resume, tiny_imagefolder
     an empty folder. With run.resume=auto node 0 would resume and node 1 start over (ranks
     training different epochs, then waiting for each other); without it node 0 would refuse
     and node 1 wait for it. Both must instead stop at once with the same clear error."""
-    config = tmp_path / "one.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "run": {"dir": str(tmp_path / "node0")},
-                "data": {"root": str(tiny_imagefolder), "image_size": 32, "val_resize": 36,
-                         "batch_size": 4, "workers": 1},
-                "teacher": {"arch": "resnet18", "weights": "random"},
-                "student": {"arch": "resnet18"},
-                "loss": {"kind": "ce"},
-                "train": {"epochs": 1, "compile": False, "device": "cpu"},
-            }
-        )
-    )  # fmt: skip
+    config = _write_config(tmp_path, tiny_imagefolder, tmp_path / "node0", "ce")
     first = subprocess.run(
         [sys.executable, "-m", "fastkd.train", "--config", str(config)],
         capture_output=True, text=True, cwd=REPO, timeout=300,
@@ -129,7 +125,7 @@ def test_nodes_that_see_different_run_dirs_fail_clearly(resume, tiny_imagefolder
     assert first.returncode == 0, first.stderr[-3000:]
     assert (tmp_path / "node0" / "last.pt").is_file()
 
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    torchrun = _torchrun()
     common = ["train.epochs=2"] + (["run.resume=auto"] if resume == "auto" else [])
     node_overrides = ([*common], [*common, f"run.dir={tmp_path / 'node1'}"])
     results = _launch(torchrun, config, 2, node_overrides)
@@ -159,21 +155,8 @@ def test_a_path_missing_on_one_node_stops_every_node(
     """Node-local copies of the data or weights, missing on node 1 only: node 1 reports its own
     error and node 0 says which rank failed, at once, instead of waiting in DDP's first
     broadcast until a collective timeout."""
-    config = tmp_path / "ddp.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "run": {"dir": str(tmp_path / "run")},
-                "data": {"root": str(tiny_imagefolder), "image_size": 32, "val_resize": 36,
-                         "batch_size": 4, "workers": 1},
-                "teacher": {"arch": "resnet18", "weights": "random"},
-                "student": {"arch": "resnet18"},
-                "loss": {"kind": "wsld"},
-                "train": {"epochs": 1, "compile": False, "device": "cpu"},
-            }
-        )
-    )  # fmt: skip
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    config = _write_config(tmp_path, tiny_imagefolder, tmp_path / "run", "wsld")
+    torchrun = _torchrun()
     missing = override.format(missing=tmp_path / "not-on-this-node")
     node0, node1 = _launch(torchrun, config, 2, ([], [missing]))
     assert node1.returncode != 0 and node0.returncode != 0, node0.stderr[-2000:]
