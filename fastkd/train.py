@@ -364,9 +364,10 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
         )  # fmt: skip
     start_epoch, best_top1 = 0, float("-inf")
     if resume_path is not None:
-        start_epoch, best_top1 = resume_into(
-            state, student, resume_path, train_loader.classes, steps
-        )
+        with fail_together(dist, f"loading the checkpoint {resume_path}"):
+            start_epoch, best_top1 = resume_into(
+                state, student, resume_path, train_loader.classes, steps
+            )
     if not ranks_agree([start_epoch], device):
         raise ConfigError(
             f"the ranks resume from different epochs (rank {dist.rank}: after epoch {start_epoch}, "

@@ -110,6 +110,18 @@ def test_torchrun_two_ranks(nodes, tiny_imagefolder, tmp_path):
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
+def _finished_run(tmp_path: Path, root: Path) -> Path:
+    """A one-epoch single-process run in tmp_path/node0 (its last.pt); returns its config."""
+    config = _write_config(tmp_path, root, tmp_path / "node0", "ce")
+    first = subprocess.run(
+        [sys.executable, "-m", "fastkd.train", "--config", str(config)],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "node0" / "last.pt").is_file()
+    return config
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("resume", ["auto", "unset"])
 def test_nodes_that_see_different_run_dirs_fail_clearly(resume, tiny_imagefolder, tmp_path):
@@ -117,14 +129,7 @@ def test_nodes_that_see_different_run_dirs_fail_clearly(resume, tiny_imagefolder
     an empty folder. With run.resume=auto node 0 would resume and node 1 start over (ranks
     training different epochs, then waiting for each other); without it node 0 would refuse
     and node 1 wait for it. Both must instead stop at once with the same clear error."""
-    config = _write_config(tmp_path, tiny_imagefolder, tmp_path / "node0", "ce")
-    first = subprocess.run(
-        [sys.executable, "-m", "fastkd.train", "--config", str(config)],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-    )  # fmt: skip
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert (tmp_path / "node0" / "last.pt").is_file()
-
+    config = _finished_run(tmp_path, tiny_imagefolder)
     torchrun = _torchrun()
     common = ["train.epochs=2"] + (["run.resume=auto"] if resume == "auto" else [])
     node_overrides = ([*common], [*common, f"run.dir={tmp_path / 'node1'}"])
@@ -164,3 +169,21 @@ def test_a_path_missing_on_one_node_stops_every_node(
     expected = f"fastkd: error: rank(s) 1 failed while {step}"
     assert expected in node0.stderr, node0.stderr[-3000:]
     assert "rank 0 stops too" in node0.stderr
+
+
+@pytest.mark.slow
+def test_a_checkpoint_unreadable_on_one_node_stops_every_node(tiny_imagefolder, tmp_path):
+    """Both nodes resume from a checkpoint path that exists on both, but node 1's copy is
+    truncated: it fails while loading (after DDP is built), and node 0 must not wait for it."""
+    config = _finished_run(tmp_path, tiny_imagefolder)
+    good = tmp_path / "node0" / "last.pt"
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(good.read_bytes()[:1000])
+    resumed = [f"run.dir={tmp_path / 'resumed'}", "train.epochs=2"]
+    node0, node1 = _launch(
+        _torchrun(), config, 2, ([*resumed, f"run.resume={good}"], [*resumed, f"run.resume={bad}"])
+    )
+    assert node0.returncode != 0 and node1.returncode != 0, node0.stderr[-2000:]
+    assert "cannot be read as a checkpoint" in node1.stderr, node1.stderr[-3000:]
+    expected = f"fastkd: error: rank(s) 1 failed while loading the checkpoint {good}"
+    assert expected in node0.stderr, node0.stderr[-3000:]
