@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fastkd.config import Config, load_config
-from fastkd.distributed import cleanup, init_distributed
+from fastkd.distributed import cleanup, fail_together, init_distributed
 from fastkd.engine import evaluate, resolve_precision
 from fastkd.logging import setup_console
 from fastkd.models import create_model, load_weights
@@ -31,17 +31,19 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     setup_console(dist.is_main)
     device = dist.device
     precision = resolve_precision(cfg.train.amp, device)
-    loader = build_val_loader(
-        cfg.data, device=device, rank=dist.rank, world_size=dist.world_size, dtype=torch.float32
-    )
-    model = create_model(cfg.student.arch, loader.num_classes)
-    load_weights(
-        model,
-        str(checkpoint),
-        arch=cfg.student.arch,
-        num_classes=loader.num_classes,
-        role="student",
-    )
+    # Under torchrun, a path missing on one node stops every rank (not only that one).
+    with fail_together(dist, "loading the validation data and the checkpoint"):
+        loader = build_val_loader(
+            cfg.data, device=device, rank=dist.rank, world_size=dist.world_size, dtype=torch.float32
+        )
+        model = create_model(cfg.student.arch, loader.num_classes)
+        load_weights(
+            model,
+            str(checkpoint),
+            arch=cfg.student.arch,
+            num_classes=loader.num_classes,
+            role="student",
+        )
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 import yaml
 
 from fastkd.logging import read_metrics
@@ -26,15 +27,20 @@ def _free_port() -> int:
 
 
 def _launch(
-    torchrun: str, config: Path, nodes: int, node_overrides: tuple[list[str], ...] = ([], [])
+    torchrun: str,
+    config: Path,
+    nodes: int,
+    node_overrides: tuple[list[str], ...] = ([], []),
+    module: tuple[str, ...] = ("fastkd.train",),
 ) -> list[subprocess.CompletedProcess[str]]:
     """Two ranks: one node running 2 processes, or 2 nodes (on this machine) running 1 each.
 
     The two-node launch is what a multi-node job looks like to each process: LOCAL_RANK is 0
     on both, RANK and the node rank tell them apart, and they meet at MASTER_ADDR:MASTER_PORT.
-    ``node_overrides[n]``: config overrides for node n only (two-node launch).
+    ``node_overrides[n]``: config overrides for node n only (two-node launch). ``module``: the
+    module to run and its arguments before ``--config``.
     """
-    train = ["-m", "fastkd.train", "--config", str(config)]
+    train = ["-m", *module, "--config", str(config)]
     if nodes == 1:
         command = [torchrun, "--nproc_per_node", "2", *train]
         return [subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)]
@@ -187,3 +193,26 @@ def test_a_checkpoint_unreadable_on_one_node_stops_every_node(tiny_imagefolder, 
     assert "cannot be read as a checkpoint" in node1.stderr, node1.stderr[-3000:]
     expected = f"fastkd: error: rank(s) 1 failed while loading the checkpoint {good}"
     assert expected in node0.stderr, node0.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_eval_with_data_missing_on_one_node_stops_every_node(tiny_imagefolder, tmp_path):
+    """``python -m fastkd.eval`` under torchrun: node 1 has no data copy. Both stop at once."""
+    weights = tmp_path / "student.pt"
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), weights)
+    config = _write_config(tmp_path, tiny_imagefolder, tmp_path / "run", "ce")
+    eval_module = ("fastkd.eval", "--checkpoint", str(weights))
+    node0, node1 = _launch(
+        _torchrun(), config, 2, ([], [f"data.root={tmp_path / 'absent'}"]), module=eval_module
+    )
+    assert node0.returncode != 0 and node1.returncode != 0, node0.stderr[-2000:]
+    assert "does not exist or is not a folder" in node1.stderr, node1.stderr[-3000:]
+    expected = "rank(s) 1 failed while loading the validation data and the checkpoint"
+    assert expected in node0.stderr, node0.stderr[-3000:]
+
+    # Both nodes with the data: the two ranks evaluate every validation image once.
+    node0, node1 = _launch(_torchrun(), config, 2, module=eval_module)
+    assert node0.returncode == 0 and node1.returncode == 0, (
+        node0.stderr[-3000:] + node1.stderr[-3000:]
+    )
+    assert "num_images 20" in node0.stdout
