@@ -34,6 +34,15 @@ STEPS_THAT_MAY_READ = [1, 4, 8, 11]
 Detector = Callable[[Callable[[str], None]], contextlib.AbstractContextManager]
 
 
+def tagged(batches: list, position: list[int]) -> Iterator:
+    """Yield ``batches``, keeping ``position[0]`` at the 1-based index of the batch in use and
+    at ``len(batches) + 1`` once the loop has asked past the last one."""
+    for index, batch in enumerate(batches, start=1):
+        position[0] = index
+        yield batch
+    position[0] = len(batches) + 1
+
+
 def epoch_reads(
     tmp_path: Path, device: torch.device, precision: Precision, detector: Detector, **sections
 ) -> list[tuple[str, int]]:
@@ -70,16 +79,12 @@ def epoch_reads(
         )
         for _ in range(STEPS)
     ]
-    current = {"step": 0}
+    step = [0]
     reads: list[tuple[str, int]] = []
-
-    def loader() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for step, batch in enumerate(batches, start=1):
-            current["step"] = step
-            yield batch
-
-    with detector(lambda what: reads.append((what, current["step"]))):
-        result = engine.train_one_epoch(state, loader(), epoch=1, epochs=1, steps=STEPS)
+    with detector(lambda what: reads.append((what, step[0]))):
+        result = engine.train_one_epoch(
+            state, tagged(batches, step), epoch=1, epochs=1, steps=STEPS
+        )
     assert result["img_per_s"] > 0
     return reads
 
@@ -114,7 +119,7 @@ def cuda_syncs(record: Callable[[str], None]) -> Iterator[None]:
         else:
             original_showwarning(message, category, filename, lineno, file, line)
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # restores warnings.showwarning on exit
         warnings.simplefilter("always")
         warnings.showwarning = show
         torch.cuda.set_sync_debug_mode("warn")
@@ -122,7 +127,6 @@ def cuda_syncs(record: Callable[[str], None]) -> Iterator[None]:
             yield
         finally:
             torch.cuda.set_sync_debug_mode(previous)
-            warnings.showwarning = original_showwarning
 
 
 FP16_SCALER = Precision("fp16", torch.float16, use_scaler=True)
@@ -170,16 +174,9 @@ def test_cpu_evaluate_reads_values_once_after_the_last_batch():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, CLASSES))
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(5, 3, 2, 2, generator=gen), torch.arange(5) % CLASSES)] * 4
-    current = {"batch": 0}
+    batch = [0]
     reads: list[tuple[str, int]] = []
-
-    def loader() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for index, batch in enumerate(batches, start=1):
-            current["batch"] = index
-            yield batch
-        current["batch"] = len(batches) + 1  # after the loop
-
-    with python_reads(lambda what: reads.append((what, current["batch"]))):
-        result = engine.evaluate(model, loader(), resolve_precision("off", cpu), cpu)
+    with python_reads(lambda what: reads.append((what, batch[0]))):
+        result = engine.evaluate(model, tagged(batches, batch), resolve_precision("off", cpu), cpu)
     assert result["num_images"] == 20
     assert reads == [("tolist", len(batches) + 1)], reads
