@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fastkd.models import strip_wrapper_prefixes
+from fastkd.models import load_failure, strip_wrapper_prefixes
 
 FORMAT = "fastkd-checkpoint"
 VERSION = 1
@@ -73,7 +73,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated or foreign files all mean "unusable"
         raise CheckpointError(
-            f"{path}: cannot be read as a checkpoint ({type(exc).__name__}: {exc}); it may be truncated. "
+            f"{path}: cannot be read as a checkpoint ({load_failure(exc)}); it may be truncated. "
             "Use an earlier checkpoint (best.pt) or start fresh with run.resume=''"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

@@ -19,7 +19,7 @@ from fastkd.config import Config, load_config
 from fastkd.distributed import cleanup, fail_together, init_distributed
 from fastkd.engine import evaluate, resolve_precision
 from fastkd.logging import setup_console
-from fastkd.models import create_model, load_weights
+from fastkd.models import ModelError, create_model, load_weights
 from fastkd.train import user_errors
 
 
@@ -36,6 +36,11 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
         loader = build_val_loader(
             cfg.data, device=device, rank=dist.rank, world_size=dist.world_size, dtype=torch.float32
         )
+        if not (str(checkpoint).startswith("torchvision:") or Path(checkpoint).is_file()):
+            raise ModelError(
+                f"--checkpoint {checkpoint}: no such file; pass a run's student.pt, last.pt or "
+                "best.pt (or torchvision:WEIGHTS_NAME)"
+            )
         model = create_model(cfg.student.arch, loader.num_classes)
         load_weights(
             model,

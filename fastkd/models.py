@@ -76,6 +76,14 @@ def _classifier_out_features(
     return last_linear, int(weight.shape[0])
 
 
+def load_failure(exc: BaseException) -> str:
+    """``Type: first line`` of why ``torch.load`` failed (its messages run to several lines of
+    advice about ``weights_only``), so that an error about a bad file stays one line."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+
+
 def read_state_dict(path: str | Path, role: str = "student") -> dict[str, torch.Tensor]:
     """Model weights from a state-dict file or from a fastkd checkpoint (its ``role`` entry)."""
     path = Path(path)
@@ -89,7 +97,7 @@ def read_state_dict(path: str | Path, role: str = "student") -> dict[str, torch.
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
         raise ModelError(
-            f"{path}: not a loadable PyTorch weights file ({type(exc).__name__}: {exc}). "
+            f"{path}: not a loadable PyTorch weights file ({load_failure(exc)}). "
             "Pass a state dict saved with torch.save(model.state_dict(), ...) or a fastkd checkpoint."
         ) from None
     if isinstance(obj, dict) and obj.get("format") == "fastkd-checkpoint":

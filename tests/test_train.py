@@ -363,6 +363,19 @@ def test_cli_missing_config_file(tmp_path):
     )
 
 
+@pytest.mark.parametrize("key", ["run.resume", "teacher.weights"])
+def test_an_unreadable_file_is_a_one_line_error(key, tiny_imagefolder, tmp_path):
+    """torch.load's own message runs to several lines of weights_only advice: the error about
+    the file must stay one line, naming the file."""
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"very much not a checkpoint")
+    config = write_config(tmp_path, tiny_imagefolder, loss={"kind": "wsld"})
+    result = run_cli("fastkd.train", "--config", str(config), f"{key}={bogus}")
+    assert result.returncode == 2, result.stderr
+    error = result.stderr[result.stderr.index("fastkd: error:") :]
+    assert error.rstrip("\n").count("\n") == 0 and str(bogus) in error, error
+
+
 def test_cli_eval_missing_checkpoint(tiny_imagefolder, tmp_path):
     config = write_config(tmp_path, tiny_imagefolder)
     result = run_cli(
@@ -373,6 +386,9 @@ def test_cli_eval_missing_checkpoint(tiny_imagefolder, tmp_path):
         and "missing.pt" in result.stderr
         and "Traceback" not in result.stderr
     )
+    assert "fastkd: error: --checkpoint" in result.stderr, (
+        result.stderr
+    )  # the flag, not a config key
 
 
 def test_print_config(tiny_imagefolder, tmp_path):
