@@ -12,7 +12,7 @@ one run can compare modes. The ratio column compares each with eager/fp32/NCHW, 
 same run. A variant that fails is recorded with its error and the run goes on; the JSON is
 rewritten after every variant, so a run cut short by a time limit keeps what it measured. FLOPs per image come from
 ``torch.utils.flop_counter``; on a GPU, model FLOP utilization (MFU) is reported against the measured
-peak of a large bf16 matmul.
+peak of a large matmul in the AMP dtype the GPU has natively (bf16 from sm_80, fp16 on a V100).
 
     python benchmarks/bench_train.py --image-size 112 --batch-size 32 --json out.json       # CPU
     python benchmarks/bench_train.py --image-size 224 --batch-size 256 --json out.json      # GPU
@@ -183,17 +183,24 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_end_to_end(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """The default variant fed by the real loader (``--root``): img/s and the data-wait fraction."""
+def bench_end_to_end(
+    args: argparse.Namespace, variant: str, device: torch.device
+) -> dict[str, Any]:
+    """``variant`` fed by the real loader (``--root``): img/s and the data-wait fraction.
+
+    The loader hands over batches in the variant's memory format (contiguous NCHW for ``nchw``),
+    as the trainer's loader does with ``train.channels_last``.
+    """
     from fastkd.data import build_train_loader
 
-    cfg = make_config(args, DEFAULT, root=args.root)
+    cfg = make_config(args, variant, root=args.root)
     cfg.data.backend = args.backend
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     precision = resolve_precision(cfg.train.amp, device)
     loader = build_train_loader(
-        cfg.data, device=device, seed=0, dtype=batch_dtype(cfg, device, precision)
-    )
+        cfg.data, device=device, seed=0, dtype=batch_dtype(cfg, device, precision),
+        channels_last=cfg.train.channels_last,
+    )  # fmt: skip
     models = build_models(cfg, loader.num_classes, dist)
     with tempfile.TemporaryDirectory() as tmp:
         state = build_train_state(
@@ -224,7 +231,7 @@ def bench_end_to_end(args: argparse.Namespace, device: torch.device) -> dict[str
     finally:
         loader.close()
     return {
-        "variant": f"{DEFAULT} + {loader.backend} loader",
+        "variant": f"{variant} + {loader.backend} loader",
         "img_per_s": images_done / max(1e-9, timed_s),
         "step_ms": 1000 * timed_s / max(1, images_done // args.batch_size),
         "first_step_s": first_step_s,
@@ -264,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="dali", choices=["dali", "torch"])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--e2e-epochs", type=int, default=1)
+    parser.add_argument(
+        "--e2e-variants",
+        default=DEFAULT,
+        help=f"comma-separated variants fed by the real loader with --root (default {DEFAULT})",
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument(
         "--profile",
@@ -290,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = (
         ALL_VARIANTS if args.variants == "all" else [v.strip() for v in args.variants.split(",")]
     )
-    for variant in variants:
+    args.e2e_variants = [v.strip() for v in args.e2e_variants.split(",")]
+    for variant in variants + args.e2e_variants:
         try:
             parse_variant(variant)
         except ValueError as error:
@@ -311,11 +324,13 @@ def main(argv: list[str] | None = None) -> int:
         probe_models.student, probe_models.teacher, args.image_size, device
     )
     del probe_models
-    peak_flops = measure_peak_flops(device)
+    # MFU's denominator: the peak of the AMP dtype this GPU really has (fp16 on a V100).
+    amp = resolve_precision("auto", device)
+    peak_flops = measure_peak_flops(device, amp.dtype)
     print(
         f"{args.teacher} -> {args.student}, {args.image_size}px, batch {args.batch_size}, {device}: "
         f"{flops_per_image / 1e9:.2f} GFLOP per image per step"
-        + (f"; bf16 matmul peak {peak_flops / 1e12:.0f} TFLOP/s" if peak_flops else ""),
+        + (f"; {amp.name} matmul peak {peak_flops / 1e12:.0f} TFLOP/s" if peak_flops else ""),
         flush=True,
     )
     config = {k: v for k, v in vars(args).items() if k != "json"}
@@ -341,8 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append(row)
         add_ratios(results, flops_per_image, peak_flops)
         write_json(args.json, "bench_train", config, results)
-    if args.root:
-        results.append(bench_end_to_end(args, device))
+    for variant in args.e2e_variants if args.root else []:
+        results.append(bench_end_to_end(args, variant, device))
+        _release(device)
         add_ratios(results, flops_per_image, peak_flops)
         write_json(args.json, "bench_train", config, results)
     columns = [

@@ -2,8 +2,14 @@
 
 A config is a tree of dataclasses (`Config` with sections `run`, `data`, `teacher`, `student`,
 `loss`, `optim`, `sched`, `train`). Every field has a type, a default and a one-line doc
-(``python -m fastkd.config`` prints them all). YAML is read with ``yaml.safe_load`` only: a config
+(``python -m fastkd.config`` prints them all). YAML is read with a safe loader only: a config
 file can never execute code.
+
+Values mean what a person typed: scalars follow YAML 1.2's core schema rather than the YAML 1.1
+rules of ``yaml.safe_load``, so ``1e-3`` is a float (1.1 reads a string), ``off``/``on``/``yes``/``no``
+are words (1.1 reads booleans), ``010`` is ten (1.1: octal eight) and ``2026-12-02`` a string. A
+float field also takes any string Python's ``float()`` accepts; a bool field takes
+true/false/yes/no/on/off; a choice field offering ``off``/``on`` takes a boolean as that word.
 
 Loading order: the file's ``_base_`` files (paths relative to the file, merged in order, deeply),
 then the file itself, then ``dotted.key=value`` overrides whose values are parsed as YAML scalars or
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import sys
 import types
 import typing
@@ -47,6 +54,11 @@ class RunConfig:
     resume: str = _doc(
         "'' = fresh run; 'auto' = run.dir/last.pt when it exists; else a checkpoint path",
         default="",
+    )
+    setup_timeout_min: int = _doc(
+        "under torchrun, how long ranks wait for each other in setup steps (rank 0 scanning "
+        "data.root); training collectives keep NCCL's own timeout",
+        default=60,
     )
 
 
@@ -157,12 +169,18 @@ class LossConfig:
     )
     tau: float = _doc("distillation temperature", default=2.0)
     loss_weight: float = _doc("weight of the distillation term (WSLD's alpha)", default=2.5)
-    ce_weight: float = _doc("weight of the student's hard-label cross-entropy", default=1.0)
+    ce_weight: float = _doc(
+        "weight of the student's hard-label cross-entropy next to the distillation term (wsld, "
+        "kd; a ce run trains on that CE alone)",
+        default=1.0,
+    )
     impl: Literal["auto", "fused", "reference"] = _doc(
         "WSLD implementation: fused C++/CUDA op, plain PyTorch, or fused when built", default="auto"
     )
     label_smoothing: float = _doc(
-        "label smoothing of the hard-label CE for loss.kind=ce", default=0.0
+        "label smoothing of the hard-label CE term (every loss.kind; WSLD's weights w keep "
+        "using the unsmoothed CEs)",
+        default=0.0,
     )
 
 
@@ -258,13 +276,56 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 
 
+class _CoreSchemaLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with YAML 1.2 core-schema scalars (see the module docstring)."""
+
+
+# YAML 1.2 core schema (https://yaml.org/spec/1.2.2/#1032-tag-resolution), replacing the
+# YAML 1.1 bool (yes/no/on/off...), int (octal 010, 1:30 sexagesimal), float (needs a dot) and
+# timestamp resolvers that yaml.SafeLoader registers.
+_REPLACED_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("bool", "int", "float", "timestamp")}
+_CoreSchemaLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _REPLACED_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _tag, _pattern, _first in (
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+    (
+        "float",
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+        "-+.0123456789",
+    ),
+):
+    _CoreSchemaLoader.add_implicit_resolver(
+        f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), list(_first)
+    )
+
+
+def _construct_core_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    # yaml's own constructor reads a leading 0 as octal (YAML 1.1); 1.2 writes octal as 0o.
+    text = loader.construct_scalar(node).replace("_", "")
+    if text.startswith(("0o", "0x")):
+        return int(text, 0)
+    return int(text, 10)
+
+
+_CoreSchemaLoader.add_constructor("tag:yaml.org,2002:int", _construct_core_int)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with core-schema scalars; never constructs arbitrary Python objects."""
+    return yaml.load(text, Loader=_CoreSchemaLoader)  # a SafeLoader subclass: no code runs
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(
             f"config file not found: {path} (check the path given to --config or _base_)"
         )
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if data is None:
@@ -322,7 +383,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value: Any = ""
     else:
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml(raw)
         except yaml.YAMLError:
             value = raw  # an unparseable value is taken as a plain string; validation judges it
     parts = key.split(".")
@@ -370,12 +431,22 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotated type ``tp``; ints are accepted where floats are."""
+    """Check ``value`` against the annotated type ``tp``, reading it as a person means it.
+
+    Ints are accepted where floats are, and so is every string ``float()`` parses; bool fields
+    take the words true/false/yes/no/on/off; a choice among words that include ``off``/``on``
+    takes a YAML boolean as that word (``train.amp: off`` written in a YAML 1.1 tool).
+    """
     origin = typing.get_origin(tp)
     bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and ("on" if value else "off") in choices:
+            return "on" if value else "off"
         if value not in choices:
             hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             extra = f"; did you mean {hint[0]!r}?" if hint else ""
@@ -393,6 +464,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"unsupported annotation on {key}: {tp}")
     if tp is bool:
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
         if not isinstance(value, bool):
             raise bad
         return value
@@ -401,6 +474,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise bad
         return value
     if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)
@@ -501,6 +579,11 @@ def _check_ranges(cfg: Config) -> None:
         f"sched.warmup_epochs must be >= 0, got {cfg.sched.warmup_epochs}",
     )
     need(0 < cfg.sched.warmup_start_factor <= 1, "sched.warmup_start_factor must be in (0, 1]")
+    need(
+        cfg.sched.warmup_epochs < cfg.train.epochs,
+        f"sched.warmup_epochs ({cfg.sched.warmup_epochs}) must be shorter than train.epochs "
+        f"({cfg.train.epochs}): the schedule would never leave its warm-up",
+    )
     need(all(m >= 0 for m in cfg.sched.milestones), "sched.milestones must be >= 0")
     need(
         cfg.sched.milestones == sorted(cfg.sched.milestones),
@@ -519,6 +602,10 @@ def _check_ranges(cfg: Config) -> None:
         f"train.profile_steps must be >= 1, got {cfg.train.profile_steps}",
     )
     need(bool(cfg.run.dir), "run.dir is empty: name the folder the run writes to")
+    need(
+        cfg.run.setup_timeout_min >= 1,
+        f"run.setup_timeout_min must be >= 1, got {cfg.run.setup_timeout_min}",
+    )
 
 
 def from_dict(tree: dict[str, Any], where: str = "") -> Config:

@@ -3,6 +3,11 @@
 A plain ``python -m fastkd.train`` is a world of one and never touches torch.distributed; under
 ``torchrun`` the usual environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...) select
 the process group: NCCL on GPUs, Gloo on CPUs.
+
+Setup steps where ranks wait for one another for long (rank 0 scanning a data set of millions of
+files while the others wait for its result) talk over a separate Gloo group whose timeout is
+``run.setup_timeout_min``, so a slow scan never trips NCCL's 10-minute timeout, which stays the
+watchdog of the training collectives.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,8 +54,35 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_preference: str = "auto") -> DistInfo:
+def check_launcher(environ: dict[str, str] | None = None) -> None:
+    """Refuse to start as one of several tasks that SLURM launched without torchrun.
+
+    ``srun python -m fastkd.train`` with N tasks starts N processes that each see a world of one
+    (no WORLD_SIZE): N independent runs racing on one run.dir. torch.distributed's own launcher
+    sets WORLD_SIZE/RANK; so does a wrapper that maps SLURM's variables itself.
+    """
+    env = os.environ if environ is None else environ
+    # srun sets SLURM_STEP_NUM_TASKS for the tasks of a job step; a batch script's own shell
+    # (one process, even in a job of many tasks) does not have it.
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS") or "1")
+    if tasks <= 1 or "WORLD_SIZE" in env:
+        return
+    raise ConfigError(
+        f"started by srun as task {env.get('SLURM_PROCID', '?')} of {tasks} without torchrun: "
+        f"that would be {tasks} independent runs writing one run.dir, so nothing was started. "
+        "Launch one torchrun per node instead: srun --ntasks-per-node=1 torchrun "
+        "--nnodes=$SLURM_NNODES --nproc_per_node=GPUS_PER_NODE --rdzv_backend=c10d "
+        "--rdzv_endpoint=HEAD_NODE:29500 -m fastkd.train ... (README: Train on your data)"
+    )
+
+
+_setup_group: Any = None  # the Gloo group of long setup waits (see the module docstring)
+
+
+def init_distributed(device_preference: str = "auto", setup_timeout_min: int = 60) -> DistInfo:
     """Join the torchrun process group when launched by torchrun, else a world of one."""
+    global _setup_group
+    check_launcher()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -60,7 +94,56 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
         dist.init_process_group(
             backend=backend, device_id=device if device.type == "cuda" else None
         )
+        _setup_group = dist.new_group(backend="gloo", timeout=timedelta(minutes=setup_timeout_min))
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _distributed(info: DistInfo) -> bool:
+    return info.enabled and dist.is_available() and dist.is_initialized()
+
+
+def broadcast_from_main(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every rank (a picklable object; others pass anything, e.g. None).
+
+    Over the setup group: the other ranks may wait up to ``run.setup_timeout_min`` for rank 0.
+    """
+    if not _distributed(info):
+        return obj
+    box = [obj if info.is_main else None]
+    dist.broadcast_object_list(box, src=0, group=_setup_group)
+    return box[0]
+
+
+def setup_barrier(info: DistInfo) -> None:
+    """Wait for every rank, with the setup timeout (e.g. while rank 0 generates data)."""
+    if _distributed(info):
+        dist.barrier(group=_setup_group)
+
+
+def disagreement(views: list[dict[str, Any]]) -> str | None:
+    """What the ranks' ``views`` (one mapping per rank, same keys) disagree on, or None."""
+    differing = []
+    for key in views[0]:
+        values = [view.get(key) for view in views]
+        if any(value != values[0] for value in values):
+            per_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+            differing.append(f"{key} ({per_rank})")
+    return "; ".join(differing) or None
+
+
+def agree_on(view: dict[str, Any], info: DistInfo, what: str) -> None:
+    """Raise `ConfigError` on every rank unless every rank passed the same ``view``.
+
+    A collective (setup group): every rank calls it at the same point. The error names each
+    differing entry with every rank's value.
+    """
+    if not _distributed(info):
+        return
+    views: list[Any] = [None] * info.world_size
+    dist.all_gather_object(views, view, group=_setup_group)
+    problem = disagreement(views)
+    if problem is not None:
+        raise ConfigError(f"the ranks disagree about {what}: {problem}")
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -126,5 +209,7 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    global _setup_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _setup_group = None

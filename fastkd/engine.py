@@ -12,7 +12,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,11 +37,12 @@ Objective = Callable[
 
 @dataclass(frozen=True)
 class Precision:
-    """Autocast dtype (None = fp32) and whether fp16 loss scaling is needed."""
+    """Autocast dtype (None = fp32), whether fp16 loss scaling is needed, and why it was chosen."""
 
     name: str
     dtype: torch.dtype | None
     use_scaler: bool
+    reason: str = field(default="", compare=False)
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -57,25 +58,47 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
+def cuda_bf16_native(device: torch.device) -> bool:
+    """Whether the GPU computes bf16 in hardware: compute capability 8.0 or newer (A100, H100...).
+
+    ``torch.cuda.is_bf16_supported()`` by default also counts emulation and answers True on a
+    V100 (sm_70), where bf16 matmuls and convolutions run emulated, far below fp16's speed.
+    """
+    if torch.version.hip:  # every ROCm GPU torch supports has bf16 units
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve_precision(amp: str, device: torch.device) -> Precision:
-    """Map ``train.amp`` to a precision: auto = bf16 where the device supports it, else fp16 (GPU) / fp32 (CPU)."""
+    """Map ``train.amp`` to a precision: auto = bf16 where the device has it natively, else fp16
+    with loss scaling (GPU) / fp32 (CPU). ``Precision.reason`` says why, for the run's log."""
     if amp == "off":
-        return Precision("fp32", None, False)
+        return Precision("fp32", None, False, "train.amp=off")
     if device.type == "cuda":
-        bf16_ok = torch.cuda.is_bf16_supported()
-        if amp == "bf16" and not bf16_ok:
+        major, minor = torch.cuda.get_device_capability(device)
+        gpu = f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+        native = cuda_bf16_native(device)
+        if amp == "bf16" and not native:
             raise ConfigError(
-                f"train.amp=bf16 but {torch.cuda.get_device_name(device)} has no bf16; use train.amp=fp16 or auto"
+                f"train.amp=bf16 but {gpu} has no native bf16 (compute capability 8.0+ has it; "
+                "older GPUs only emulate it, slowly): use train.amp=fp16 or auto"
             )
-        if amp == "bf16" or (amp == "auto" and bf16_ok):
-            return Precision("bf16", torch.bfloat16, False)
-        return Precision("fp16", torch.float16, True)
+        if amp == "bf16":
+            return Precision("bf16", torch.bfloat16, False, f"train.amp=bf16 on {gpu}")
+        if amp == "auto" and native:
+            return Precision("bf16", torch.bfloat16, False, f"train.amp=auto: {gpu} has bf16")
+        why = "train.amp=fp16" if amp == "fp16" else f"train.amp=auto: {gpu} has no native bf16"
+        return Precision("fp16", torch.float16, True, f"{why}; fp16 with loss scaling")
     if amp == "fp16":
         # CPU fp16 autocast exists but is slow and has no GradScaler benefit; refuse clearly.
         raise ConfigError("train.amp=fp16 is for GPUs; on the CPU use train.amp=bf16, auto or off")
-    if amp == "bf16" or (amp == "auto" and cpu_supports_bf16()):
-        return Precision("bf16", torch.bfloat16, False)
-    return Precision("fp32", None, False)
+    if amp == "bf16":
+        return Precision("bf16", torch.bfloat16, False, "train.amp=bf16")
+    if cpu_supports_bf16():
+        return Precision("bf16", torch.bfloat16, False, "train.amp=auto: this CPU has bf16 units")
+    return Precision(
+        "fp32", None, False, "train.amp=auto: this CPU has no bf16 units (AVX512-BF16 or AMX)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,30 +223,42 @@ def build_objective(cfg: LossConfig) -> Objective:
     if cfg.kind == "kd":
 
         def kd_objective(student_logits, teacher_logits, labels):
-            ce = F.cross_entropy(student_logits.float(), labels)
+            ce = F.cross_entropy(
+                student_logits.float(), labels, label_smoothing=cfg.label_smoothing
+            )
             kd = kd_loss(student_logits, teacher_logits, tau=cfg.tau, loss_weight=cfg.loss_weight)
             total = cfg.ce_weight * ce + kd
             return total, {"loss": total.detach(), "ce": ce.detach(), "kd": kd.detach()}
 
         return kd_objective
 
+    smoothing = cfg.label_smoothing
+
     def wsld_objective(student_logits, teacher_logits, labels):
+        # The fused op computes the hard-label CE with the WSLD term in one pass; with label
+        # smoothing it gives the WSLD term alone (its weights w still use the unsmoothed CEs,
+        # as the method defines them) and the smoothed CE is computed beside it.
         terms = wsld_ce_loss(
             student_logits,
             teacher_logits,
             labels,
             tau=cfg.tau,
             loss_weight=cfg.loss_weight,
-            ce_weight=cfg.ce_weight,
+            ce_weight=0.0 if smoothing else cfg.ce_weight,
             impl=cfg.impl,
         )
+        total, ce = terms.total, terms.ce
+        if smoothing:
+            ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=smoothing)
+            total = total + cfg.ce_weight * ce if cfg.ce_weight else total
+            ce = ce.detach()
         logged = {
-            "loss": terms.total.detach(),
-            "ce": terms.ce,
+            "loss": total.detach(),
+            "ce": ce,
             "wsld": terms.wsld,
             "wsld_weight": terms.weight_mean,
         }
-        return terms.total, logged
+        return total, logged
 
     return wsld_objective
 
@@ -262,10 +297,15 @@ def count_step_flops(
     return counter.get_total_flops() / 2
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
-    """Measured FLOP/s of a large matmul on a CUDA device (the MFU denominator); None on the CPU."""
+def measure_peak_flops(device: torch.device, dtype: torch.dtype | None) -> float | None:
+    """Measured FLOP/s of a large ``dtype`` matmul on a CUDA device (the MFU denominator).
+
+    ``dtype`` is the run's autocast dtype (None: fp32, TF32 where allowed), so MFU compares the
+    step with the peak of the arithmetic it really uses. None on the CPU.
+    """
     if device.type != "cuda":
         return None
+    dtype = dtype or torch.float32
     n = 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -508,7 +548,6 @@ def train_one_epoch(
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def pad_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     """``images`` grown to ``size`` rows by repeating its last image, in its memory format."""
     rows = images.shape[0]
@@ -523,6 +562,7 @@ def pad_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([images, filler]).contiguous(memory_format=memory_format)
 
 
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
     loader: Iterable,
@@ -538,6 +578,11 @@ def evaluate(
     compiled graph never sees a second shape (which would mean a recompile, and a CUDA graph
     per shape under reduce-overhead). Eval-mode networks treat rows independently, so the
     padding changes no result.
+
+    Runs without autograd: no graph is recorded and no activation kept, and a compiled
+    ``model`` gets a forward-only (inference) graph. ``no_grad`` rather than ``inference_mode``:
+    dynamo guards on whether a tensor is an inference tensor, so batches made outside
+    (a loader's buffers) and padded ones made inside would compile the model twice.
     """
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, images, loss sum

@@ -25,17 +25,19 @@ from fastkd.train import user_errors
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     """Load ``checkpoint`` into ``cfg.student.arch`` and evaluate it on the validation split."""
-    from fastkd.data import build_val_loader
+    from fastkd.data import build_val_loader, shared_split_indexes
 
-    dist = init_distributed(cfg.train.device)
+    dist = init_distributed(cfg.train.device, cfg.run.setup_timeout_min)
     setup_console(dist.is_main)
     device = dist.device
     precision = resolve_precision(cfg.train.amp, device)
     # Under torchrun, a path missing on one node stops every rank (not only that one).
+    (index,) = shared_split_indexes(cfg.data, dist, ("val",)).values()
     with fail_together(dist, "loading the validation data and the checkpoint"):
         loader = build_val_loader(
-            cfg.data, device=device, rank=dist.rank, world_size=dist.world_size, dtype=torch.float32
-        )
+            cfg.data, device=device, rank=dist.rank, world_size=dist.world_size,
+            dtype=torch.float32, channels_last=cfg.train.channels_last, index=index,
+        )  # fmt: skip
         if not (str(checkpoint).startswith("torchvision:") or Path(checkpoint).is_file()):
             raise ModelError(
                 f"--checkpoint {checkpoint}: no such file; pass a run's student.pt, last.pt or "

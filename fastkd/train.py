@@ -30,11 +30,13 @@ from fastkd.config import Config, ConfigError, load_config, save_config, to_dict
 from fastkd.distributed import (
     DistInfo,
     PeerSetupError,
+    agree_on,
     barrier,
     cleanup,
     fail_together,
     init_distributed,
     ranks_agree,
+    setup_barrier,
 )
 from fastkd.engine import (
     Precision,
@@ -49,6 +51,7 @@ from fastkd.engine import (
     train_one_epoch,
 )
 from fastkd.logging import MetricsWriter, format_duration, setup_console
+from fastkd.losses import describe_impl
 from fastkd.models import create_model, fold_batchnorm, load_weights
 from fastkd.profiling import StepProfiler
 
@@ -243,6 +246,32 @@ def build_train_state(
     )  # fmt: skip
 
 
+def log_recipe(cfg: Config, dist: DistInfo) -> str:
+    """Log the global batch, the learning rate per 256 images and the loss implementation.
+
+    Comparing runs across GPU counts starts here: ``optim.lr`` is for the global batch and is
+    never rescaled, so the line gives the per-256 value recipes are usually quoted in. A GPU
+    run whose build lacks the CUDA kernel warns that the reference loss runs, and how to rebuild.
+    Returns the loss description.
+    """
+    global_batch = cfg.data.batch_size * dist.world_size
+    loss = cfg.loss.kind
+    if cfg.loss.kind == "wsld":
+        try:
+            impl, warning = describe_impl(cfg.loss.impl, dist.device)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if warning:
+            warnings.warn(warning, stacklevel=2)
+        loss = f"wsld ({impl})"
+    log.info(
+        "global batch %d (%d per process x %d), lr %.4g = %.4g per 256 images; loss %s",
+        global_batch, cfg.data.batch_size, dist.world_size, cfg.optim.lr,
+        cfg.optim.lr * 256 / global_batch, loss,
+    )  # fmt: skip
+    return loss
+
+
 def batch_dtype(cfg: Config, device: torch.device, precision: Precision) -> torch.dtype:
     """The loader's output dtype: data.output_dtype, where auto = fp16 on a GPU under AMP."""
     if cfg.data.output_dtype == "float16":
@@ -273,10 +302,10 @@ def resume_into(
 
 def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
     """Train per ``cfg``; returns the summary that is also written to ``run.dir/summary.json``."""
-    from fastkd.data import build_train_loader, build_val_loader
+    from fastkd.data import build_train_loader, build_val_loader, shared_split_indexes
     from fastkd.data.synthetic import prepare_synthetic
 
-    dist = dist or init_distributed(cfg.train.device)
+    dist = dist or init_distributed(cfg.train.device, cfg.run.setup_timeout_min)
     setup_console(dist.is_main)
     device = dist.device
     seed_everything(cfg.run.seed, cfg.run.deterministic)
@@ -286,9 +315,9 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         # Rank 0 generates the synthetic set (when asked) before the others look; on a node with
-        # its own disk, the loaders' ensure_dataset generates it there (the same files).
+        # its own disk, shared_split_indexes generates it there (the same files).
         prepare_synthetic(cfg.data)
-    barrier()
+    setup_barrier(dist)
 
     precision = resolve_precision(cfg.train.amp, device)
     loader_args = dict(
@@ -296,14 +325,28 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
         rank=dist.rank,
         world_size=dist.world_size,
         dtype=batch_dtype(cfg, device, precision),
+        channels_last=cfg.train.channels_last,
     )
+    indexes = shared_split_indexes(cfg.data, dist)  # one scan per run, on rank 0
     with fail_together(dist, "building the data loaders"):
-        train_loader = build_train_loader(cfg.data, seed=cfg.run.seed, **loader_args)
-        val_loader = build_val_loader(cfg.data, **loader_args)
+        train_loader = build_train_loader(
+            cfg.data,
+            seed=cfg.run.seed,
+            max_batches=cfg.train.max_steps_per_epoch,
+            index=indexes["train"],
+            **loader_args,
+        )
+        val_loader = build_val_loader(cfg.data, index=indexes["val"], **loader_args)
     num_classes = train_loader.num_classes
-    steps = len(train_loader)
-    if cfg.train.max_steps_per_epoch:
-        steps = min(steps, cfg.train.max_steps_per_epoch)
+    steps = len(train_loader)  # the loader serves exactly the steps of an epoch
+    # Ranks that read different lists, or cut them into different steps, would train on
+    # overlapping shards or wait for each other at the epoch's end: stop now instead.
+    agree_on(
+        {"training images": len(indexes["train"]), "validation images": len(indexes["val"]),
+         "classes": num_classes, "steps per epoch": steps, "run.seed": cfg.run.seed,
+         "file list hash": indexes["train"].digest()[:16] + indexes["val"].digest()[:16]},
+        dist, "the data (check data.root and the data.* and train.* overrides of every node)",
+    )  # fmt: skip
     if steps == 0:
         raise ConfigError(
             f"no full training batch: data.batch_size={cfg.data.batch_size} x {dist.world_size} process(es) "
@@ -319,8 +362,9 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
         train_loader.num_samples, val_loader.num_samples,
     )  # fmt: skip
     log.info(
-        "precision %s, channels_last %s, compile %s",
+        "precision %s (%s), channels_last %s, compile %s",
         precision.name,
+        precision.reason,
         cfg.train.channels_last,
         cfg.train.compile,
     )
@@ -329,12 +373,13 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
         models.student_source,
         models.teacher_source or "-",
     )
+    log_recipe(cfg, dist)
 
     flops_per_image = count_step_flops(student, teacher, cfg.data.image_size, device)
-    peak_flops = measure_peak_flops(device) if device.type == "cuda" else None
+    peak_flops = measure_peak_flops(device, precision.dtype)
     log.info(
         "%.2f GFLOP per image per training step%s", flops_per_image / 1e9,
-        f"; measured bf16 matmul peak {peak_flops / 1e12:.0f} TFLOP/s" if peak_flops else "",
+        f"; measured {precision.name} matmul peak {peak_flops / 1e12:.0f} TFLOP/s" if peak_flops else "",
     )  # fmt: skip
 
     teacher_eval = None
@@ -432,6 +477,7 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
         "loss": cfg.loss.kind,
         "student_arch": cfg.student.arch,
         "teacher_arch": cfg.teacher.arch if teacher is not None else None,
+        "teacher_weights": models.teacher_source or None,
         "teacher_top1": teacher_eval["top1"] if teacher_eval else None,
         "top1": last_eval["top1"],
         "top5": last_eval["top5"],

@@ -93,6 +93,66 @@ def test_overrides_are_yaml_values(tmp_path):
     assert cfg.loss.tau == 3.0 and isinstance(cfg.loss.tau, float)
 
 
+@pytest.mark.parametrize(
+    "override, key, expected",
+    [
+        ("optim.lr=1e-3", "optim.lr", 0.001),  # YAML 1.1 reads a string
+        ("optim.weight_decay=5e-5", "optim.weight_decay", 5e-5),
+        ("optim.lr=+2E-1", "optim.lr", 0.2),
+        ("optim.lr=1.", "optim.lr", 1.0),
+        ("optim.lr='3e-2'", "optim.lr", 0.03),  # a quoted string float() parses
+        ("train.amp=off", "train.amp", "off"),  # YAML 1.1 reads False
+        ("train.amp=false", "train.amp", "off"),  # a boolean in a choice offering off
+        ("optim.fused=off", "optim.fused", "off"),
+        ("train.compile=off", "train.compile", False),
+        ("train.compile=yes", "train.compile", True),
+        ("run.deterministic=On", "run.deterministic", True),
+        ("data.batch_size=032", "data.batch_size", 32),  # YAML 1.1 reads octal 26
+        ("run.dir=2026-12-02", "run.dir", "2026-12-02"),  # YAML 1.1 reads a date
+        ("run.dir=no", "run.dir", "no"),  # YAML 1.1 reads False
+    ],
+)
+def test_values_mean_what_a_person_typed(tmp_path, override, key, expected):
+    path = write(tmp_path / "a.yaml", {"data": {"root": "/x"}})
+    section, name = key.split(".")
+    value = getattr(getattr(load_config(path, [override]), section), name)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_values_in_files_are_read_like_overrides(tmp_path):
+    """The same rules in a config file, and --print-config's YAML reads back as typed values."""
+    path = write(
+        tmp_path / "a.yaml",
+        "data: {root: /x}\noptim: {lr: 1e-3, weight_decay: 5e-5, fused: off}\n"
+        "train: {amp: off, compile: no}\n",
+    )
+    cfg = load_config(path)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.fused) == (0.001, 5e-5, "off")
+    assert (cfg.train.amp, cfg.train.compile) == ("off", False)
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_config(tmp_path / "run" / "config.yaml") == cfg
+    # Read back by any YAML 1.1 tool as well: floats and words survive yaml.safe_dump.
+    dumped = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert dumped["optim"]["lr"] == 0.001 and dumped["train"]["amp"] == "off"
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("optim.lr=true", "optim.lr: expected float, got True"),  # a bool is not a number
+        ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
+        ("train.compile=2", "train.compile: expected bool"),
+        ("loss.kind=off", "loss.kind: 'off' is not one of"),
+        ("loss.kind=false", "loss.kind: False is not one of"),  # no 'off' among its choices
+    ],
+)
+def test_typed_values_still_refuse_nonsense(tmp_path, override, fragment):
+    path = write(tmp_path / "a.yaml", {"data": {"root": "/x"}})
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [override])
+    assert fragment in str(info.value)
+
+
 def test_override_beats_file_and_base(tmp_path):
     write(tmp_path / "base.yaml", {"data": {"root": "/x", "batch_size": 4}})
     path = write(tmp_path / "a.yaml", {"_base_": "base.yaml", "data": {"batch_size": 8}})
@@ -145,6 +205,8 @@ def test_unknown_key_in_file(tmp_path):
         ("optim.lr=-1", "optim.lr"),
         ("train.profile_skip=0", "train.profile_skip must be >= 1"),
         ("train.profile_steps=0", "train.profile_steps must be >= 1"),
+        ("sched.warmup_epochs=100", "must be shorter than train.epochs (100)"),
+        ("run.setup_timeout_min=0", "run.setup_timeout_min must be >= 1"),
     ],
 )
 def test_bad_values_fail_naming_the_key(tmp_path, override, fragment):

@@ -294,21 +294,29 @@ def test_gpu_pipeline_is_well_formed_without_a_gpu(make_data_config, split):
     loader = build(cfg, device=torch.device("cuda", 1), dtype=torch.float16)
     assert loader.backend == "dali-gpu"
     assert loader._runtime_kwargs == dict(
-        batch_size=4, num_threads=3, device_id=1, prefetch_queue_depth=3
+        batch_size=4, num_threads=3, device_id=1, prefetch_queue_depth=3, seed=0
     )
     decoder_args = loader._pipeline_kwargs["decoder_args"]
     assert loader._pipeline_kwargs["decoder_device"] == "mixed"
     assert loader._pipeline_kwargs["out_dtype"] == types.FLOAT16
     assert decoder_args["hw_decoder_load"] == 0.5
-    assert decoder_args["preallocate_width_hint"] > 0 and decoder_args["device_memory_padding"] > 0
-    pipe = loader._make_pipeline(_PlanSource(loader.index.files, loader.index.labels))
+    if split == "train":  # nvJPEG's buffers sized for ImageNet: the training decoder only
+        assert decoder_args["preallocate_width_hint"] > 0
+        assert decoder_args["device_memory_padding"] > 0
+        assert "jpeg_fancy_upsampling" not in decoder_args
+    else:  # validation decodes as libjpeg/PIL does, and preallocates nothing
+        assert decoder_args == {"hw_decoder_load": 0.5, "jpeg_fancy_upsampling": True}
+    crop_area = loader._crop_area
+    pipe = loader._make_pipeline(_PlanSource(loader.index.files, loader.index.labels, crop_area))
     pipe._build_graph()
     assert [node.device for node in pipe._graph_out] == ["gpu", "gpu"]  # images and labels
 
     plain = build(
         make_data_config(backend="dali", dali_preallocate=False), device=torch.device("cuda", 0)
     )
-    assert set(plain._pipeline_kwargs["decoder_args"]) == {"hw_decoder_load"}
+    assert set(plain._pipeline_kwargs["decoder_args"]) == (
+        {"hw_decoder_load"} if split == "train" else {"hw_decoder_load", "jpeg_fancy_upsampling"}
+    )
     on_cpu = build(
         make_data_config(backend="dali", dali_device="cpu"), device=torch.device("cuda", 0)
     )
@@ -327,11 +335,10 @@ def test_training_images_are_normalized_random_crops(make_data_config, backend):
     pixels = _denormalize(stacked, cfg)
     assert pixels.min() >= -1.0 and pixels.max() <= 256.0  # normalized from the 0-255 scale
     assert stacked.mean(dim=(0, 2, 3)).abs().max() < 1.0  # roughly centred by the mean
-    # Two passes over the same epoch crop differently (augmentation is random per pass for
-    # DALI, per (seed, epoch, sample) for torch -> identical for torch).
+    # Augmentation is a function of (seed, epoch, sample) in both backends: a second pass over
+    # the same epoch repeats its crops and flips exactly.
     again, _ = _epoch(loader)
-    same = torch.equal(torch.cat(again), torch.cat(images))
-    assert same == (backend == "torch")
+    assert torch.equal(torch.cat(again), torch.cat(images))
     loader.close()
 
 
@@ -489,6 +496,224 @@ def test_dali_pass_broken_off_early_restarts_cleanly(make_data_config):
     loader.close()
 
 
+def _trainer_epochs(loader, epochs) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    """What the trainer does: per epoch, set_epoch then take exactly len(loader) batches."""
+    passes = []
+    for epoch in epochs:
+        loader.set_epoch(epoch)
+        iterator = iter(loader)
+        batches = [next(iterator) for _ in range(len(loader))]
+        passes.append(([x.clone() for x, _ in batches], torch.cat([y for _, y in batches])))
+    return passes
+
+
+@needs_dali
+@pytest.mark.parametrize("max_batches", [0, 2])
+def test_dali_builds_its_pipeline_once_per_run(make_data_config, max_batches):
+    """A consumer that takes exactly len(loader) batches per epoch (the trainer) reuses one
+    pipeline for every epoch; with max_batches the loader plans only those batches."""
+    cfg = make_data_config(backend="dali", batch_size=3)
+    loader = build_train_loader(cfg, device=CPU, seed=0, max_batches=max_batches)
+    assert len(loader) == (max_batches or 8) and loader.num_samples == 3 * len(loader)
+    passes = _trainer_epochs(loader, range(4))
+    assert loader.builds == 1
+    for epoch, (_, labels) in enumerate(passes):
+        loader.set_epoch(epoch)
+        assert labels.tolist() == [loader.index.labels[p] for p in loader.shard_indices()]
+    val = build_val_loader(cfg, device=CPU)
+    for _ in range(3):
+        assert len(_epoch(val)[1]) == 20
+    assert val.builds == 1
+    loader.close()
+    val.close()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_max_batches_serves_the_first_batches_of_each_shard(make_data_config, backend):
+    cfg = make_data_config(backend=backend, batch_size=2)
+    full = [build_train_loader(cfg, device=CPU, seed=5, rank=r, world_size=2) for r in range(2)]
+    capped = [
+        build_train_loader(cfg, device=CPU, seed=5, rank=r, world_size=2, max_batches=3)
+        for r in range(2)
+    ]
+    for whole, cut in zip(full, capped, strict=True):
+        whole.set_epoch(1)
+        cut.set_epoch(1)
+        assert len(cut) == 3 and cut.num_samples == 6
+        assert np.array_equal(cut.shard_indices(), whole.shard_indices()[:6])
+        images, labels = _epoch(cut)
+        assert len(images) == 3 and len(labels) == 6
+        # The same crops as the uncapped loader's first batches: the cap only shortens the pass.
+        first = _epoch(whole)[0][:3]
+        assert all(torch.equal(a, b) for a, b in zip(images, first, strict=True))
+    for each in full + capped:
+        each.close()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_augmentation_depends_on_seed_and_epoch_only(make_data_config, backend):
+    """Each epoch has its own order, crops and flips; a resumed run (a new loader that starts at
+    epoch 2) gets exactly the uninterrupted run's epoch 2, for any thread count."""
+    cfg = make_data_config(backend=backend, batch_size=4)
+    loader = build_train_loader(cfg, device=CPU, seed=11)
+    passes = _trainer_epochs(loader, range(3))
+    loader.close()
+    resumed = build_train_loader(make_data_config(backend=backend, batch_size=4, workers=2),
+                                 device=CPU, seed=11)  # fmt: skip
+    ((images, labels),) = _trainer_epochs(resumed, [2])
+    assert torch.equal(labels, passes[2][1])
+    assert all(torch.equal(a, b) for a, b in zip(images, passes[2][0], strict=True))
+    resumed.close()
+    # Epochs differ in order, and the same image is cropped differently from one epoch to the
+    # next: compare image by image, matched by file position.
+    crops = {}
+    for epoch, (images, _) in enumerate(passes):
+        loader.set_epoch(epoch)
+        crops[epoch] = dict(zip(loader.shard_indices().tolist(), torch.cat(images), strict=True))
+    orders = [list(crops[e]) for e in range(3)]
+    assert orders[0] != orders[1] != orders[2]
+    shared = set(crops[0]) & set(crops[1])
+    assert shared and all(not torch.equal(crops[0][p], crops[1][p]) for p in shared)
+    other_seed = build_train_loader(cfg, device=CPU, seed=12)
+    other_seed.set_epoch(0)
+    other = dict(zip(other_seed.shard_indices().tolist(), torch.cat(_epoch(other_seed)[0]),
+                     strict=True))  # fmt: skip
+    assert all(not torch.equal(other[p], crops[0][p]) for p in set(other) & set(crops[0]))
+    other_seed.close()
+
+
+def test_torch_crops_follow_the_documented_sample_seeds(make_data_config):
+    """A torch-backend sample is torchvision's transform under its plan seed, (seed, epoch,
+    position) -> train_sample_seeds, applied to the decoded file: nothing else feeds it."""
+    from fastkd.data.torch_loader import train_transform
+
+    cfg = make_data_config(backend="torch", batch_size=4)
+    loader = build_train_loader(cfg, device=CPU, seed=9)
+    loader.set_epoch(3)
+    images, _ = _epoch(loader)
+    positions, seeds = loader.shard_indices(), loader.plan.sample_seeds(3)
+    transform = train_transform(cfg.image_size, tuple(cfg.crop_area))
+    for row in (0, 5, len(positions) - 1):
+        torch.manual_seed(int(seeds[row]))
+        with Image.open(loader.index.files[positions[row]]) as image:
+            expected = np.asarray(transform(image.convert("RGB")), dtype=np.float32)
+        pixels = _denormalize(torch.cat(images)[row : row + 1], cfg)[0].permute(1, 2, 0)
+        assert np.abs(pixels.numpy() - expected).max() < 1e-3
+    loader.close()
+
+
+@needs_dali
+def test_dali_crops_follow_the_documented_sample_seeds(make_data_config):
+    """The DALI pipeline's crop and flip inputs are `crop_draws` of the plan's sample seeds."""
+    from fastkd.data.dali import _UNIFORMS_PER_SAMPLE, _PlanSource, crop_draws
+    from fastkd.data.sharding import sample_uniforms
+
+    cfg = make_data_config(backend="dali", batch_size=4)
+    loader = build_train_loader(cfg, device=CPU, seed=9)
+    loader.set_epoch(3)
+    source = _PlanSource(loader.index.files, loader.index.labels, loader._crop_area)
+    source.set_batches(loader._planned_batches())
+    for batch, (positions, seeds) in zip(source, loader._planned_batches(), strict=True):
+        assert np.array_equal(seeds, loader.plan.seed_batches(3)[len(source.emitted) - 1])
+        draws = crop_draws(sample_uniforms(seeds, _UNIFORMS_PER_SAMPLE), tuple(cfg.crop_area))
+        for got, key in zip(batch[2:], ("area", "ratio", "position", "flip"), strict=True):
+            assert np.array_equal(got, draws[key])
+        assert np.array_equal(batch[1], np.asarray(loader.index.labels)[positions])
+    assert len(source.emitted) == len(loader)
+    loader.close()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_batches_follow_the_channels_last_setting(make_data_config, backend, split):
+    """train.channels_last=false feeds contiguous NCHW batches (the same values), so an NCHW
+    run and the NCHW benchmark baseline really run NCHW convolutions."""
+    build = build_train_loader if split == "train" else build_val_loader
+    cfg = make_data_config(backend=backend)
+    by_layout = {}
+    for channels_last in (True, False):
+        loader = build(cfg, device=CPU, channels_last=channels_last)
+        images, labels = _epoch(loader)
+        loader.close()
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        assert all(x.is_contiguous(memory_format=layout) for x in images)
+        assert all(x.is_contiguous() != channels_last for x in images)
+        by_layout[channels_last] = torch.cat(images), labels
+    assert torch.equal(by_layout[True][1], by_layout[False][1])
+    assert torch.equal(by_layout[True][0], by_layout[False][0])
+
+
+def test_sample_uniforms_are_a_pure_function_of_each_seed():
+    from fastkd.data.sharding import sample_uniforms
+
+    seeds = np.random.default_rng(0).integers(0, 2**63 - 1, size=4000, dtype=np.int64)
+    values = sample_uniforms(seeds, 23)
+    assert values.shape == (4000, 23) and values.dtype == np.float32
+    assert values.min() >= 0.0 and values.max() < 1.0
+    assert np.array_equal(sample_uniforms(seeds[7:9], 23), values[7:9])  # batch-independent
+    assert np.array_equal(sample_uniforms(seeds[:5], 3), values[:5, :3])
+    # Uniform enough for augmentation: every decile of every column within 20% of its share.
+    counts = np.stack([np.histogram(values[:, c], bins=10, range=(0, 1))[0] for c in range(23)])
+    assert np.abs(counts / 400 - 1).max() < 0.2
+    assert abs(np.corrcoef(values[:, 0], values[:, 1])[0, 1]) < 0.05
+
+
+def _reference_window(height, width, area, ratio, position):
+    """torchvision's RandomResizedCrop rule in relative coordinates (the first fitting draw,
+    else the whole image at the nearest allowed aspect ratio, centred)."""
+    aspect = width / height
+    for a, r in zip(area, ratio, strict=True):
+        w, h = np.sqrt(a * r / aspect), np.sqrt(a * aspect / r)
+        if w <= 1 and h <= 1:
+            return (1 - w) * position[0], (1 - h) * position[1], w, h
+    w, h = min(1.0, (4 / 3) / aspect), min(1.0, aspect / (3 / 4))
+    return (1 - w) / 2, (1 - h) / 2, w, h
+
+
+@needs_dali
+def test_dali_crop_window_follows_the_random_resized_crop_rule(tmp_path):
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    from fastkd.data.dali import CROP_ATTEMPTS, crop_draws, crop_window
+    from fastkd.data.sharding import sample_uniforms
+
+    # Tall, wide, square and extreme shapes: the extremes force the centre-crop fallback.
+    shapes = [(375, 500), (500, 375), (300, 300), (40, 400), (400, 40), (64, 80)] * 4
+    files = []
+    for i, (h, w) in enumerate(shapes):
+        files.append(tmp_path / f"{i}.jpg")
+        Image.new("RGB", (w, h), (i * 9 % 256, 80, 160)).save(files[-1])
+    draws = crop_draws(sample_uniforms(np.arange(len(files), dtype=np.int64), 23), (0.08, 1.0))
+    draws["area"][:4] = 0.99  # first rows: no draw fits a non-square image (fallback)
+    encoded = [np.fromfile(f, dtype=np.uint8) for f in files]
+
+    @pipeline_def(batch_size=len(files), num_threads=1, device_id=None)
+    def windows():
+        data, area, ratio, position = fn.external_source(
+            source=lambda: (encoded, draws["area"], draws["ratio"], draws["position"]),
+            num_outputs=4, batch=True, dtype=[types.UINT8] + [types.FLOAT] * 3,
+        )  # fmt: skip
+        return crop_window(data, area, ratio, position)
+
+    pipe = windows()
+    pipe.build()
+    anchors, sizes = (np.array(out.as_tensor()) for out in pipe.run())
+    fallbacks = 0
+    for i, (h, w) in enumerate(shapes):
+        x, y, cw, ch = _reference_window(
+            h, w, draws["area"][i], draws["ratio"][i], draws["position"][i]
+        )
+        assert np.allclose([*anchors[i], *sizes[i]], [x, y, cw, ch], atol=1e-5), (i, h, w)
+        fallbacks += bool(np.isclose(x, (1 - cw) / 2) and np.isclose(y, (1 - ch) / 2))
+        area, aspect = cw * ch, (cw * w) / (ch * h)
+        assert x >= 0 and x + cw <= 1 + 1e-6 and y >= 0 and y + ch <= 1 + 1e-6
+        assert 3 / 4 - 1e-4 <= aspect <= 4 / 3 + 1e-4 or cw == 1 or ch == 1
+        assert area >= 0.08 - 1e-6
+    assert fallbacks >= 3 and CROP_ATTEMPTS == 10
+
+
 def test_fallback_to_torch_warns_once_when_dali_is_missing(make_data_config, monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # "import nvidia.dali" now fails
     monkeypatch.delitem(sys.modules, "fastkd.data.dali", raising=False)
@@ -562,6 +787,15 @@ def test_probe_flags_truncated_empty_and_foreign_files(bad_imagefolder, tmp_path
     assert probe_image(str(padded)) is None
     files = [str(good), str(truncated), str(padded), str(empty)]
     assert sorted(find_bad_images(files)) == [1, 3]
+    assert "cannot be read" in probe_image(str(tmp_path / "gone.JPEG"))
+    assert "cannot be read" in probe_image(str(tmp_path))  # a folder named like an image
+    # Past the first (timed) chunk of 512, in one thread or several: the same positions.
+    many = [str(good)] * 1500
+    many[700], many[1499], many[3] = str(truncated), str(empty), str(tmp_path / "gone.JPEG")
+    for threads in (None, 1, 4):
+        found = find_bad_images(many, threads=threads)
+        assert sorted(found) == [3, 700, 1499], threads
+        assert "empty" in found[1499] and "cannot be decoded" in found[700]
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -656,11 +890,11 @@ def test_dali_skips_several_bad_images_met_in_one_pass(make_data_config, bad_ima
     assert "truncated.JPEG" in named and "also_truncated.JPEG" in named
     assert [len(b) for b in images] == [2] * len(train) and len(labels) == train.num_samples
     # The next pass knows both files: no failure, no rebuild.
-    builds = train._builds
+    builds = train.builds
     assert builds == 3  # two failures, two rebuilds: the second one resumed a resumed pass
     train.set_epoch(epoch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(_epoch(train)[1]) == train.num_samples
-    assert train._builds == builds
+    assert train.builds == builds
     train.close()

@@ -4,6 +4,7 @@ every val image once."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -32,18 +33,22 @@ def _launch(
     nodes: int,
     node_overrides: tuple[list[str], ...] = ([], []),
     module: tuple[str, ...] = ("fastkd.train",),
+    env: dict[str, str] | None = None,
 ) -> list[subprocess.CompletedProcess[str]]:
     """Two ranks: one node running 2 processes, or 2 nodes (on this machine) running 1 each.
 
     The two-node launch is what a multi-node job looks like to each process: LOCAL_RANK is 0
     on both, RANK and the node rank tell them apart, and they meet at MASTER_ADDR:MASTER_PORT.
     ``node_overrides[n]``: config overrides for node n only (two-node launch). ``module``: the
-    module to run and its arguments before ``--config``.
+    module to run and its arguments before ``--config``. ``env``: extra environment variables.
     """
     train = ["-m", *module, "--config", str(config)]
+    env = {**os.environ, **(env or {})}
     if nodes == 1:
         command = [torchrun, "--nproc_per_node", "2", *train]
-        return [subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)]
+        return [
+            subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+        ]
     port = str(_free_port())
     procs = {}
     for node in (1, 0):
@@ -51,7 +56,7 @@ def _launch(
         address = ["--master_addr", "127.0.0.1", "--master_port", port]
         command = [torchrun, *node_args, *address, *train, *node_overrides[node]]
         procs[node] = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env
         )
     results = []
     for node in (0, 1):
@@ -95,8 +100,11 @@ def test_torchrun_two_ranks(nodes, tiny_imagefolder, tmp_path):
         profile=True, profile_skip=1, profile_steps=1,
     )  # fmt: skip
     torchrun = _torchrun()
-    for result in _launch(torchrun, config, nodes):
+    scans = tmp_path / "scans.log"
+    for result in _launch(torchrun, config, nodes, env=_scan_probe(scans)):
         assert result.returncode == 0, result.stderr[-3000:]
+    # One scan of data.root per run, on rank 0; the other rank received its result.
+    assert sorted(scans.read_text().splitlines()) == ["0 train", "0 val"]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["num_val_images"] == 20  # 10 + 10 across the ranks, none twice, none missing
@@ -114,6 +122,40 @@ def test_torchrun_two_ranks(nodes, tiny_imagefolder, tmp_path):
     # Both ranks trained the same replica: the exported weights load and are finite.
     state = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def _scan_probe(log: Path) -> dict[str, str]:
+    """Environment that makes every launched process record its data scans in ``log``."""
+    probe = str(Path(__file__).resolve().parent / "scan_probe")
+    path = os.pathsep.join([probe, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return {"PYTHONPATH": path, "FASTKD_TEST_SCAN_LOG": str(log)}
+
+
+@pytest.mark.slow
+def test_nodes_with_their_own_data_copies(tiny_imagefolder, tmp_path):
+    """Node 1 keeps its copy under another path: it trains on rank 0's file list there. A copy
+    that lacks files, or a node launched with another batch size, stops both nodes at setup
+    with one error saying what differs, instead of failing or hanging later."""
+    config = _write_config(tmp_path, tiny_imagefolder, tmp_path / "run", "ce")
+    local = shutil.copytree(tiny_imagefolder, tmp_path / "node1-disk" / "data")
+    node0, node1 = _launch(_torchrun(), config, 2, ([], [f"data.root={local}"]))
+    assert node0.returncode == 0 and node1.returncode == 0, node1.stderr[-3000:]
+
+    train_dir = local / "train" / sorted(os.listdir(local / "train"))[1]
+    (train_dir / sorted(os.listdir(train_dir))[0]).unlink()
+    other_run = f"run.dir={tmp_path / 'b'}"
+    node0, node1 = _launch(_torchrun(), config, 2, ([other_run], [other_run, f"data.root={local}"]))
+    assert node0.returncode != 0 and node1.returncode != 0, node0.stderr[-2000:]
+    assert "sampled train files are missing under" in node1.stderr, node1.stderr[-3000:]
+    assert "rank(s) 1 failed while reading data.root" in node0.stderr, node0.stderr[-3000:]
+
+    other_run = f"run.dir={tmp_path / 'c'}"
+    node0, node1 = _launch(_torchrun(), config, 2, ([other_run], [other_run, "data.batch_size=2"]))
+    for result in (node0, node1):
+        assert result.returncode != 0, result.stderr[-3000:]
+        assert "the ranks disagree about the data" in result.stderr, result.stderr[-3000:]
+        assert "steps per epoch (rank 0: 3, rank 1: 6)" in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "c" / "last.pt").exists()
 
 
 def _finished_run(tmp_path: Path, root: Path) -> Path:
@@ -155,7 +197,7 @@ def test_nodes_that_see_different_run_dirs_fail_clearly(resume, tiny_imagefolder
 @pytest.mark.parametrize(
     ("override", "step", "own_error"),
     [
-        ("data.root={missing}", "building the data loaders", "does not exist or is not a folder"),
+        ("data.root={missing}", "reading data.root", "does not exist or is not a folder"),
         ("teacher.weights={missing}/t.pt", "loading the models", "t.pt"),
     ],
     ids=["data", "teacher"],
@@ -207,7 +249,7 @@ def test_eval_with_data_missing_on_one_node_stops_every_node(tiny_imagefolder, t
     )
     assert node0.returncode != 0 and node1.returncode != 0, node0.stderr[-2000:]
     assert "does not exist or is not a folder" in node1.stderr, node1.stderr[-3000:]
-    expected = "rank(s) 1 failed while loading the validation data and the checkpoint"
+    expected = "rank(s) 1 failed while reading data.root"
     assert expected in node0.stderr, node0.stderr[-3000:]
 
     # Both nodes with the data: the two ranks evaluate every validation image once.
@@ -216,3 +258,57 @@ def test_eval_with_data_missing_on_one_node_stops_every_node(tiny_imagefolder, t
         node0.stderr[-3000:] + node1.stderr[-3000:]
     )
     assert "num_images 20" in node0.stdout
+
+
+def test_disagreement_names_each_differing_entry_with_every_ranks_value():
+    from fastkd.distributed import disagreement
+
+    same = {"steps per epoch": 3, "file list hash": "ab12"}
+    assert disagreement([same, dict(same)]) is None
+    other = {"steps per epoch": 6, "file list hash": "ab12"}
+    assert disagreement([same, other, same]) == "steps per epoch (rank 0: 3, rank 1: 6, rank 2: 3)"
+
+
+def test_setup_waits_use_their_own_long_timeout(monkeypatch):
+    """Rank 0 scanning millions of files keeps the others waiting in a Gloo group with
+    run.setup_timeout_min, not in NCCL's default group (10 minutes) that training uses."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from fastkd import distributed
+
+    made = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: made.update(default=kwargs))
+    monkeypatch.setattr(dist, "new_group", lambda **kwargs: made.update(setup=kwargs) or "group")
+    info = distributed.init_distributed("cpu", setup_timeout_min=90)
+    try:
+        assert (info.rank, info.world_size) == (1, 2)
+        assert "timeout" not in made["default"]  # the training collectives' own default
+        assert made["setup"] == {"backend": "gloo", "timeout": timedelta(minutes=90)}
+        assert distributed._setup_group == "group"
+    finally:
+        monkeypatch.setattr(distributed, "_setup_group", None)
+
+
+def test_a_split_index_travels_without_its_root(tiny_imagefolder, tmp_path):
+    """Rank 0 sends its scan relative to its data.root; a node keeps its copy elsewhere."""
+    from fastkd.data import DataError
+    from fastkd.data.folder import SplitIndex, scan_split
+
+    index = scan_split(tiny_imagefolder, "train")
+    copy = shutil.copytree(tiny_imagefolder, tmp_path / "elsewhere")
+    there = SplitIndex.from_portable(index.portable(), copy)
+    assert there.files == scan_split(copy, "train").files and there.labels == index.labels
+    assert there.classes == index.classes and there.digest() == index.digest()
+    there.check_present()
+    reordered = SplitIndex(index.split, index.root, index.classes, index.files[::-1],
+                           index.labels[::-1])  # fmt: skip
+    assert reordered.digest() != index.digest()
+    os.remove(there.files[5])
+    with pytest.raises(DataError, match=r"1 of 24 sampled train files are missing"):
+        there.check_present()

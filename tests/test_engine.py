@@ -26,17 +26,46 @@ def test_precision_on_cpu(monkeypatch):
     assert resolve_precision("auto", CPU).dtype is None  # fp32 where bf16 is slow
 
 
-def test_precision_on_gpus_without_bf16_uses_fp16_and_a_scaler(monkeypatch):
-    cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+def _fake_gpu(monkeypatch, name: str, capability: tuple[int, int]) -> torch.device:
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: name)
+    # What torch really answers on a V100: its default counts emulated bf16 as supported.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    return torch.device("cuda", 0)
+
+
+def test_precision_on_a_v100_uses_fp16_and_a_scaler_not_emulated_bf16(monkeypatch):
+    cuda = _fake_gpu(monkeypatch, "Tesla V100-SXM2-32GB", (7, 0))
     p = resolve_precision("auto", cuda)
     assert p.dtype is torch.float16 and p.use_scaler
-    with pytest.raises(ConfigError, match="V100"):
+    assert "V100" in p.reason and "sm_70" in p.reason and "no native bf16" in p.reason
+    with pytest.raises(ConfigError, match="V100.*no native bf16"):
         resolve_precision("bf16", cuda)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("fp16", cuda).use_scaler
+    assert resolve_precision("off", cuda).dtype is None
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 9), (9, 0), (10, 0)])
+def test_precision_on_ampere_and_newer_is_bf16(monkeypatch, capability):
+    cuda = _fake_gpu(monkeypatch, "NVIDIA H100", capability)
     p = resolve_precision("auto", cuda)
     assert p.dtype is torch.bfloat16 and not p.use_scaler
+    assert f"sm_{capability[0]}{capability[1]}" in p.reason
+    assert resolve_precision("bf16", cuda).dtype is torch.bfloat16
+    assert resolve_precision("fp16", cuda).dtype is torch.float16  # asked for, still honoured
+
+
+def test_peak_flops_is_measured_in_the_runs_dtype(monkeypatch):
+    """MFU's denominator uses the AMP dtype in use (fp16 on a V100), not always bf16."""
+    seen = []
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: seen.append(k["dtype"]) or torch.ones(1))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    cuda = torch.device("cuda", 0)
+    assert engine.measure_peak_flops(CPU, torch.bfloat16) is None and not seen
+    engine.measure_peak_flops(cuda, torch.float16)
+    engine.measure_peak_flops(cuda, None)
+    assert seen == [torch.float16] * 2 + [torch.float32] * 2
 
 
 def _model():
@@ -188,6 +217,60 @@ def test_compiled_evaluate_with_padding_compiles_one_graph():
     assert result["num_images"] == 10
     assert result == pytest.approx(expected, rel=1e-5)
     torch._dynamo.reset()
+
+
+def _small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(8, 5),
+    )  # fmt: skip
+
+
+def test_evaluate_records_no_autograd_graph():
+    """Every evaluation forward runs without autograd: no output requires grad, no graph kept."""
+    net = _small_net()  # parameters require grad, as the student's do during training
+    seen = []
+    net.register_forward_hook(
+        lambda module, args, out: seen.append(
+            (out.requires_grad, out.grad_fn is not None, torch.is_grad_enabled())
+        )
+    )
+    batches = [(torch.randn(4, 3, 8, 8), torch.arange(4) % 5) for _ in range(2)]
+    result = evaluate(net, batches, Precision("fp32", None, False), CPU)
+    assert result["num_images"] == 8
+    assert seen == [(False, False, False)] * 2
+    assert all(p.requires_grad for p in net.parameters())  # the model is left trainable
+    # Training right after evaluation still works (nothing leaked from inference mode).
+    net.train()
+    net(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_compiled_evaluate_gets_a_forward_only_graph():
+    """With train.compile the eval model is compiled as an inference graph, not forward+backward."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    compiled_as: list[str] = []
+
+    def recorder(kind):
+        def compiler(graph_module, example_inputs):
+            compiled_as.append(kind)
+            return graph_module.forward
+
+        return compiler
+
+    backend = aot_autograd(fw_compiler=recorder("training forward"),
+                           bw_compiler=recorder("backward"),
+                           inference_compiler=recorder("inference"))  # fmt: skip
+    net = _small_net().eval()
+    batches = [(torch.randn(4, 3, 8, 8), torch.arange(4) % 5) for _ in range(2)]
+    torch._dynamo.reset()
+    try:
+        evaluate(torch.compile(net, backend=backend), batches, Precision("fp32", None, False), CPU)
+    finally:
+        torch._dynamo.reset()
+    assert compiled_as == ["inference"]
 
 
 def test_step_flops_count_teacher_forward_and_student_train():

@@ -1,28 +1,41 @@
 """The DALI backend: JPEG decoding and augmentation in DALI pipelines, on the GPU or the CPU.
 
-Training: ``decoders.image_random_crop`` fuses the RandomResizedCrop window (area `data.crop_area`, 0.08-1 by default;
-aspect 3/4-4/3) into decoding, so only the region of interest is decoded (nvJPEG / the A100+
-hardware decoder with ``device="mixed"``, libjpeg-turbo on the CPU); then a bilinear antialiased
-resize to ``image_size`` and one ``crop_mirror_normalize`` that flips at random, normalizes and
-writes HWC ``float32``/``float16``. ``permute(0, 3, 1, 2)`` turns that into an NCHW tensor in
-channels_last memory without a copy.
+Training: ``decoders.image_slice`` decodes only the RandomResizedCrop window (area
+`data.crop_area`, 0.08-1 by default; aspect 3/4-4/3, up to 10 attempts, then torchvision's
+centre-crop fallback) with nvJPEG / the A100+ hardware decoder (``device="mixed"``) or
+libjpeg-turbo on the CPU; then a bilinear antialiased resize to ``image_size`` and one
+``crop_mirror_normalize`` that flips, normalizes and writes ``float32``/``float16``. With
+``train.channels_last`` the layout is HWC and ``permute(0, 3, 1, 2)`` turns it into an NCHW tensor in
+channels_last memory without a copy; otherwise DALI writes CHW, a contiguous NCHW batch.
+
+Augmentation randomness does not come from DALI's own generators, whose state would depend on
+how long a pipeline has run: each sample's window and flip are computed in the pipeline from
+uniform numbers fed with its file name, drawn from the sample's seed in
+`fastkd.data.sharding.ShardPlan` (a function of run seed, epoch and position only). An epoch's
+crops are therefore the same in a resumed run, after a rebuild and for any thread count.
 
 Validation reproduces torchvision's ``Resize(val_resize)`` + ``CenterCrop(image_size)``
-geometry exactly (same output sizes, same half-to-even crop offset), so accuracy measured here
-matches accuracy measured with torchvision transforms up to decoder/interpolation rounding.
+geometry exactly (same output sizes, same half-to-even crop offset), and the GPU decoder uses
+libjpeg's "fancy" chroma upsampling, so accuracy measured here matches accuracy measured with
+PIL and torchvision transforms up to interpolation rounding.
 
 Sample order: the file names come from an ``external_source`` fed, batch by batch, from the same
 `fastkd.data.sharding.ShardPlan` the torch backend uses, and ``io.file.read`` reads them in DALI's
-threads. DALI's own reader shuffling was not used because its order follows DALI's internal
-epoch counter (``set_epoch`` could not select an epoch, e.g. after resuming), and with shards of
-unequal size ``pad_last_batch`` leaks a batch of padding duplicates into the next epoch.
-Consecutive passes reuse one pipeline; a pass broken off early is followed by a rebuild.
+threads. A loader builds its pipeline once and reuses it for every pass: a pass ends as soon as
+its last planned batch is delivered (the trainer never has to ask for one more), and only a pass
+broken off early (an exception) or a bad image met at run time forces a rebuild.
+
+Memory (GPU decoding): the training decoder preallocates nvJPEG buffers sized for the largest
+ImageNet image (``data.dali_preallocate``), per DALI thread (``data.workers``): one device buffer of
+201 MiB and two pinned host buffers of 134 MiB each, so about 1.6 GiB of GPU memory and 2.1 GiB of
+pinned host memory per process at 8 threads (`decoder_padding_bytes`). The validation decoder
+gets no padding: it grows its buffers on demand in a few short passes.
 
 Bad images: a decode failure stops the pipeline. The loader finds the culprit among the files in
 flight (DALI's message names it, or PIL confirms it), then raises a `DataError` naming it
 (``on_bad_image=error``) or warns, leaves it out and rebuilds the pipeline to go on from the first
 batch not yet delivered (``skip``; a training sample is replaced by the next file of the list so
-the batch shape stays fixed). The augmentation generator is reseeded by such a rebuild.
+the batch shape stays fixed).
 """
 
 from __future__ import annotations
@@ -46,7 +59,7 @@ from fastkd.data.folder import (
     bad_image_message,
     warn_skipped,
 )
-from fastkd.data.sharding import ShardPlan
+from fastkd.data.sharding import ShardPlan, sample_uniforms
 
 # nvJPEG memory padding and hardware-decoder preallocation sized for the largest ImageNet image,
 # the values NVIDIA's ResNet-50 example uses: no reallocation stalls once training runs.
@@ -55,18 +68,94 @@ _HOST_MEMORY_PADDING = 140_544_512
 _PREALLOCATE_WIDTH_HINT = 5980
 _PREALLOCATE_HEIGHT_HINT = 6430
 
+# RandomResizedCrop as torchvision draws it: aspect ratios log-uniform in [3/4, 4/3], up to
+# CROP_ATTEMPTS (area, ratio) draws, the first whose window fits the image wins.
+CROP_ATTEMPTS = 10
+_MIN_RATIO, _MAX_RATIO = 3.0 / 4.0, 4.0 / 3.0
+# Per training sample: CROP_ATTEMPTS area and ratio draws, a window position (x, y), a flip.
+_UNIFORMS_PER_SAMPLE = 2 * CROP_ATTEMPTS + 3
 
-def _read_files(source: _PlanSource) -> tuple[Any, Any]:
-    """File names and labels from the plan, then the encoded bytes read in DALI's threads."""
-    paths, labels = fn.external_source(
+
+def decoder_padding_bytes(workers: int) -> tuple[int, int]:
+    """(GPU, pinned host) bytes the GPU training decoder preallocates with data.dali_preallocate.
+
+    DALI's documentation: one device buffer of ``device_memory_padding`` per thread, and two
+    (double buffering) host buffers of ``host_memory_padding`` per thread.
+    """
+    threads = max(1, workers)
+    return threads * _DEVICE_MEMORY_PADDING, 2 * threads * _HOST_MEMORY_PADDING
+
+
+def crop_draws(uniforms: np.ndarray, crop_area: tuple[float, float]) -> dict[str, np.ndarray]:
+    """The training augmentation's random draws from `sample_uniforms` rows (one per sample).
+
+    ``area`` and ``ratio`` (N x CROP_ATTEMPTS): candidate window area fractions and aspect ratios
+    (width / height); ``position`` (N x 2): where the window sits in the room left, x then y;
+    ``flip`` (N,): 1 to mirror horizontally.
+    """
+    k = CROP_ATTEMPTS
+    low, high = crop_area
+    log_low, log_high = np.log(_MIN_RATIO), np.log(_MAX_RATIO)
+    return {
+        "area": (low + (high - low) * uniforms[:, :k]).astype(np.float32),
+        "ratio": np.exp(log_low + (log_high - log_low) * uniforms[:, k : 2 * k]).astype(np.float32),
+        "position": np.ascontiguousarray(uniforms[:, 2 * k : 2 * k + 2], dtype=np.float32),
+        "flip": (uniforms[:, 2 * k + 2] < 0.5).astype(np.int32),
+    }
+
+
+def crop_window(encoded: Any, area: Any, ratio: Any, position: Any) -> tuple[Any, Any]:
+    """The relative (anchor, shape) of each sample's RandomResizedCrop window, as DALI nodes.
+
+    A window of area fraction ``a`` and aspect ratio ``r`` fits an image of aspect ``s = W / H``
+    exactly when ``a * r <= s <= r / a``; the first fitting draw wins, as in torchvision. When
+    none fits, torchvision's fallback: the whole image, cropped to the nearest allowed aspect
+    ratio, centred. Everything is per-sample arithmetic on DALI's CPU; the image is never decoded
+    for it (``peek_image_shape`` reads the header).
+    """
+    shape = fn.peek_image_shape(encoded, dtype=types.FLOAT, adjust_orientation=False)
+    aspect = shape[1] / shape[0]
+    fits = (area * ratio <= aspect) & (aspect <= ratio / area)
+    # The first fitting draw: the largest of the distinct powers of two of the fitting ones.
+    priority = types.Constant(
+        np.array([2.0 ** (CROP_ATTEMPTS - 1 - i) for i in range(CROP_ATTEMPTS)], np.float32)
+    )
+    score = fits * priority
+    best = fn.reductions.max(score)
+    first = fits & (score == best)
+    found = best > 0
+    # The fallback as an (area, ratio) pair, so one formula gives either window without 0/0.
+    fallback_w = dmath.min(1.0, _MAX_RATIO / aspect)
+    fallback_h = dmath.min(1.0, aspect / _MIN_RATIO)
+    chosen_area = dmath.max(
+        fn.reductions.sum(first * area) + (1 - found) * fallback_w * fallback_h, 1e-6
+    )
+    chosen_ratio = dmath.max(
+        fn.reductions.sum(first * ratio) + (1 - found) * aspect * fallback_w / fallback_h, 1e-6
+    )
+    width = dmath.min(dmath.sqrt(chosen_area * chosen_ratio / aspect), 1.0)
+    height = dmath.min(dmath.sqrt(chosen_area * aspect / chosen_ratio), 1.0)
+    x = (1 - width) * (found * position[0] + (1 - found) * 0.5)
+    y = (1 - height) * (found * position[1] + (1 - found) * 0.5)
+    return fn.stack(x, y), fn.stack(width, height)
+
+
+def _read_files(source: _PlanSource, *, train: bool) -> list[Any]:
+    """The plan's file names and labels (for training also the `crop_draws`: area, ratio,
+    position, flip), with the files' encoded bytes read in DALI's threads in place of the names."""
+    dtypes, ndims = [types.UINT8, types.INT32], [1, 0]
+    if train:
+        dtypes += [types.FLOAT, types.FLOAT, types.FLOAT, types.INT32]
+        ndims += [1, 1, 1, 0]
+    paths, *rest = fn.external_source(
         source=source,
-        num_outputs=2,
+        num_outputs=len(dtypes),
         batch=True,
         cycle="raise",  # the end of a pass ends the iterator's epoch; the next pass re-iterates
-        dtype=[types.UINT8, types.INT32],
-        ndim=[1, 0],
+        dtype=dtypes,
+        ndim=ndims,
     )
-    return fn.io.file.read(paths), labels
+    return [fn.io.file.read(paths), *rest]
 
 
 @pipeline_def
@@ -76,21 +165,24 @@ def train_pipeline(
     decoder_device: str,
     decoder_args: dict[str, Any],
     image_size: int,
-    crop_area: tuple[float, float],
     mean: Sequence[float],
     std: Sequence[float],
     out_dtype: Any,
+    layout: str,
 ) -> tuple[Any, Any]:
-    """Decode a random crop, resize it to ``image_size``, flip at random, normalize to HWC."""
-    encoded, labels = _read_files(source)
-    images = fn.decoders.image_random_crop(
+    """Decode the sample's crop window, resize it to ``image_size``, flip, normalize."""
+    encoded, labels, area, ratio, position, flip = _read_files(source, train=True)
+    anchor, window = crop_window(encoded, area, ratio, position)
+    images = fn.decoders.image_slice(
         encoded,
+        anchor,
+        window,
+        normalized_anchor=True,
+        normalized_shape=True,
+        axis_names="WH",
         device=decoder_device,
         output_type=types.RGB,
         adjust_orientation=False,  # as PIL/torchvision, which ignore EXIF orientation
-        random_area=list(crop_area),
-        random_aspect_ratio=[3.0 / 4.0, 4.0 / 3.0],
-        num_attempts=10,
         **decoder_args,
     )
     images = fn.resize(
@@ -101,12 +193,7 @@ def train_pipeline(
         antialias=True,
     )
     images = fn.crop_mirror_normalize(
-        images,
-        dtype=out_dtype,
-        output_layout="HWC",
-        mean=list(mean),
-        std=list(std),
-        mirror=fn.random.coin_flip(probability=0.5),
+        images, dtype=out_dtype, output_layout=layout, mean=list(mean), std=list(std), mirror=flip
     )
     if decoder_device == "mixed":
         labels = labels.gpu()
@@ -124,9 +211,10 @@ def val_pipeline(
     mean: Sequence[float],
     std: Sequence[float],
     out_dtype: Any,
+    layout: str,
 ) -> tuple[Any, Any]:
-    """torchvision's Resize(val_resize) + CenterCrop(image_size), normalized to HWC."""
-    encoded, labels = _read_files(source)
+    """torchvision's Resize(val_resize) + CenterCrop(image_size), normalized."""
+    encoded, labels = _read_files(source, train=False)
     shape = fn.peek_image_shape(encoded, dtype=types.INT32, adjust_orientation=False)
     height, width = shape[0], shape[1]
     shorter = dmath.min(height, width)
@@ -153,7 +241,7 @@ def val_pipeline(
         crop_pos_x=_center_crop_position(out_width, image_size),
         crop_pos_y=_center_crop_position(out_height, image_size),
         dtype=out_dtype,
-        output_layout="HWC",
+        output_layout=layout,
         mean=list(mean),
         std=list(std),
     )
@@ -186,30 +274,49 @@ class _PlanSource:
 
     DALI calls ``iter()`` on it as soon as the previous pass ends (before the trainer can call
     ``set_epoch``), so the generator reads the plan lazily, at its first step, which DALI only
-    takes when the next pass starts.
+    takes when the next pass starts. For training, each batch also carries its samples'
+    `crop_draws`, computed from their seeds.
     """
 
-    def __init__(self, files: Sequence[str], labels: Sequence[int]) -> None:
+    def __init__(
+        self,
+        files: Sequence[str],
+        labels: Sequence[int],
+        crop_area: tuple[float, float] | None,
+    ) -> None:
         self._files = files
         self._labels = np.asarray(labels, dtype=np.int32)
-        self._batches: list[np.ndarray] = []
+        self._crop_area = crop_area  # None: validation, no augmentation inputs
+        self._batches: list[tuple[np.ndarray, np.ndarray]] = []
         self.emitted: list[np.ndarray] = []
 
-    def set_batches(self, batches: list[np.ndarray]) -> None:
+    def set_batches(self, batches: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """The pass's batches as (file positions, sample seeds) pairs."""
         self._batches = batches
 
-    def __iter__(self) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
         return self._generate()
 
-    def _generate(self) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+    def _generate(self) -> Iterator[tuple[Any, ...]]:
         batches = self._batches
         self.emitted = []
-        for positions in batches:
+        for positions, seeds in batches:
             self.emitted.append(positions)
             encoded_paths = [
                 np.frombuffer(self._files[p].encode("utf-8"), dtype=np.uint8) for p in positions
             ]
-            yield encoded_paths, self._labels[positions]
+            if self._crop_area is None:
+                yield encoded_paths, self._labels[positions]
+                continue
+            draws = crop_draws(sample_uniforms(seeds, _UNIFORMS_PER_SAMPLE), self._crop_area)
+            yield (
+                encoded_paths,
+                self._labels[positions],
+                draws["area"],
+                draws["ratio"],
+                draws["position"],
+                draws["flip"],
+            )
 
 
 def _pil_decode_problem(path: str) -> str | None:
@@ -222,16 +329,11 @@ def _pil_decode_problem(path: str) -> str | None:
     return None
 
 
-def _pipeline_seed(*parts: int) -> int:
-    return int(
-        np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF
-    )
-
-
 class DaliLoader:
     """Batches ``(images, labels)`` of one split for one rank from a DALI pipeline.
 
-    See `fastkd.data.build_train_loader` for the protocol every loader follows.
+    See `fastkd.data.build_train_loader` for the protocol every loader follows. ``builds``
+    counts pipeline constructions: one per run unless a pass is broken off or a bad image is met.
     """
 
     def __init__(
@@ -256,6 +358,8 @@ class DaliLoader:
         world_size: int = 1,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        channels_last: bool = True,
+        max_batches: int = 0,
     ) -> None:
         if dtype not in (torch.float32, torch.float16):
             raise ValueError(f"DALI batches can be float32 or float16, not {dtype}")
@@ -274,6 +378,7 @@ class DaliLoader:
         self.dtype = dtype
         self.batch_size = batch_size
         self.train = train
+        self.channels_last = channels_last
         self.epoch = 0
         self.backend = "dali-gpu" if use_gpu else "dali-cpu"
         self.on_bad_image = on_bad_image
@@ -284,12 +389,12 @@ class DaliLoader:
             rank=rank,
             world_size=world_size,
             seed=seed,
+            max_batches=max_batches,
         )
         self.num_samples = self.plan.num_samples
-        self._seed = seed
-        self._rank = rank
+        self.builds = 0
+        self._crop_area = (float(crop_area[0]), float(crop_area[1])) if train else None
         self._excluded: set[int] = set()
-        self._builds = 0
         self._pipe: Any = None
         self._iterator: DALIGenericIterator | None = None
         self._source: _PlanSource | None = None
@@ -298,7 +403,13 @@ class DaliLoader:
         decoder_args: dict[str, Any] = {}
         if use_gpu:
             decoder_args["hw_decoder_load"] = hw_decoder_load
-            if preallocate:
+            if not train:
+                # nvJPEG's default chroma upsampling differs from libjpeg's, which decoded the
+                # images of every published ImageNet accuracy (PIL): measure like them.
+                decoder_args["jpeg_fancy_upsampling"] = True
+            elif preallocate:
+                # Training decodes every image every epoch: no growth stalls. Validation's few
+                # short passes grow their buffers on demand (see the module docstring).
                 decoder_args.update(
                     device_memory_padding=_DEVICE_MEMORY_PADDING,
                     host_memory_padding=_HOST_MEMORY_PADDING,
@@ -312,23 +423,25 @@ class DaliLoader:
             mean=[float(v) for v in mean],
             std=[float(v) for v in std],
             out_dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT,
+            layout="HWC" if channels_last else "CHW",
         )
-        if train:
-            self._pipeline_kwargs["crop_area"] = (float(crop_area[0]), float(crop_area[1]))
-        else:
+        if not train:
             self._pipeline_kwargs["val_resize"] = val_resize
         self._runtime_kwargs: dict[str, Any] = dict(
             batch_size=batch_size,
             num_threads=max(1, workers),
             device_id=device.index if use_gpu else None,
             prefetch_queue_depth=prefetch,
+            # Augmentation draws come from the plan's sample seeds (external_source); this only
+            # fixes the seed of anything random DALI might add, never the training crops.
+            seed=seed,
         )
 
     def __len__(self) -> int:
         return self.plan.num_batches
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order the next pass uses."""
+        """Select the epoch whose order (and augmentation) the next pass uses."""
         self.epoch = epoch
 
     def shard_indices(self) -> np.ndarray:
@@ -340,18 +453,13 @@ class DaliLoader:
     def _make_pipeline(self, source: _PlanSource) -> Any:
         """The (not yet built) DALI pipeline of this loader, reading from ``source``."""
         make = train_pipeline if self.train else val_pipeline
-        return make(
-            source,
-            **self._pipeline_kwargs,
-            **self._runtime_kwargs,
-            seed=_pipeline_seed(self._seed, self._rank, self.epoch, self._builds),
-        )
+        return make(source, **self._pipeline_kwargs, **self._runtime_kwargs)
 
     def _build(self) -> None:
         """(Re)create the pipeline and its iterator; the previous ones are released first."""
         self._release()
-        self._builds += 1
-        self._source = _PlanSource(self.index.files, self.index.labels)
+        self.builds += 1
+        self._source = _PlanSource(self.index.files, self.index.labels, self._crop_area)
         self._pipe = self._make_pipeline(self._source)
         self._iterator = DALIGenericIterator(
             self._pipe, ["images", "labels"], auto_reset=False, prepare_first_batch=False
@@ -369,25 +477,32 @@ class DaliLoader:
 
     # -- planning --------------------------------------------------------------------------------
 
-    def _planned_batches(self) -> list[np.ndarray]:
-        """This pass's batches, with files found bad at run time replaced (train) or left out."""
-        batches = self.plan.batches(self.epoch)
+    def _planned_batches(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """This pass's (positions, sample seeds) batches, with files found bad at run time
+        replaced (train: the slot keeps its seed) or left out (val)."""
+        batches = list(
+            zip(self.plan.batches(self.epoch), self.plan.seed_batches(self.epoch), strict=True)
+        )
         if not self._excluded:
             return batches
         if not self.train:
-            kept = [batch[~np.isin(batch, list(self._excluded))] for batch in batches]
-            return [batch for batch in kept if len(batch)]
+            kept = [
+                (batch[keep], seeds[keep])
+                for batch, seeds in batches
+                for keep in [~np.isin(batch, list(self._excluded))]
+            ]
+            return [(batch, seeds) for batch, seeds in kept if len(batch)]
         total = len(self.index)
         if len(self._excluded) >= total:
             raise DataError(f"{self.index.root}: every image was skipped as undecodable")
         replaced = []
-        for batch in batches:
+        for batch, seeds in batches:
             batch = batch.copy()
             for i, position in enumerate(batch):
                 while position in self._excluded:
                     position = (position + 1) % total
                 batch[i] = position
-            replaced.append(batch)
+            replaced.append((batch, seeds))
         return replaced
 
     # -- iteration ---------------------------------------------------------------------------------
@@ -405,7 +520,7 @@ class DaliLoader:
         self._pass_open = True
         iter(self._iterator)  # after a finished pass, resets the pipeline for the next one
         delivered = 0
-        while True:
+        while delivered < len(batches):
             try:
                 outputs = next(self._iterator)
             except StopIteration:
@@ -419,12 +534,26 @@ class DaliLoader:
                 self._source_offset = delivered
                 continue
             delivered += 1
+            if delivered == len(batches):
+                # Take the pass's end now: a consumer that stops after the last planned batch
+                # (the trainer takes exactly len(loader)) leaves the pipeline ready for reuse.
+                self._end_pass()
             yield self._to_torch(outputs[0])
         self._pass_open = False
 
+    def _end_pass(self) -> None:
+        assert self._iterator is not None
+        try:
+            next(self._iterator)
+        except StopIteration:
+            self._pass_open = False
+            return
+        raise RuntimeError("the DALI pipeline delivered more batches than planned")
+
     def _to_torch(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        # NHWC -> NCHW by strides only: channels_last memory, no copy.
-        images = outputs["images"].permute(0, 3, 1, 2)
+        images = outputs["images"]
+        if self.channels_last:  # NHWC -> NCHW by strides only: channels_last memory, no copy
+            images = images.permute(0, 3, 1, 2)
         if images.device != self.device:  # CPU pipeline feeding a GPU
             images = images.to(self.device, non_blocking=True)
         labels = outputs["labels"].to(self.device, torch.int64, non_blocking=True).view(-1)

@@ -13,8 +13,12 @@ Every problem a user can cause raises one `DataError` that names the path and wh
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import time
 import warnings
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,6 +52,60 @@ class SplitIndex:
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def relative_files(self) -> list[str]:
+        """The file paths relative to the split folder (``class/name.JPEG``), in order."""
+        cut = len(str(self.root)) + 1
+        return [path[cut:] for path in self.files]
+
+    def portable(self) -> bytes:
+        """This index without its root, compressed: what rank 0 sends the other ranks, whose
+        copy of the data may live under another ``data.root`` (node-local disks)."""
+        record = {
+            "split": self.split,
+            "classes": list(self.classes),
+            "files": "\n".join(self.relative_files()),
+            "labels": list(self.labels),
+        }
+        return zlib.compress(json.dumps(record).encode(), 3)
+
+    @classmethod
+    def from_portable(cls, payload: bytes, root: str | os.PathLike) -> SplitIndex:
+        """The index `portable` describes, with its files under this node's ``root``."""
+        record = json.loads(zlib.decompress(payload))
+        split_dir = _split_dir(root, record["split"])
+        prefix = str(split_dir)
+        files = record["files"].split("\n") if record["files"] else []
+        return cls(
+            record["split"],
+            split_dir,
+            tuple(record["classes"]),
+            tuple(os.path.join(prefix, name) for name in files),
+            tuple(record["labels"]),
+        )
+
+    def digest(self) -> str:
+        """A hash of the classes, the relative file list and the labels (root-independent)."""
+        hasher = hashlib.sha256()
+        hasher.update("\n".join(self.classes).encode())
+        hasher.update(b"\0" + "\n".join(self.relative_files()).encode())
+        hasher.update(b"\0" + ",".join(map(str, self.labels)).encode())
+        return hasher.hexdigest()
+
+    def check_present(self, samples: int = 256) -> None:
+        """Raise `DataError` when files of this index are missing here (checks ``samples`` of them,
+        spread over the list): a node whose copy of the data differs from the one scanned."""
+        if not self.files:
+            return
+        step = max(1, len(self.files) // samples)
+        missing = [path for path in self.files[::step] if not os.path.isfile(path)]
+        if missing:
+            named = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+            raise DataError(
+                f"{len(missing)} of {len(self.files[::step])} sampled {self.split} files are "
+                f"missing under {self.root} on this node ({named}): every node needs the same "
+                "copy of the data set (rank 0 scanned its own); copy it again or fix data.root"
+            )
 
     def without(self, drop: set[int]) -> SplitIndex:
         """This index without the files at the positions in ``drop`` (order kept)."""
@@ -192,13 +250,16 @@ def probe_image(path: str) -> str | None:
     left to the decoders at run time.
     """
     try:
-        size = os.path.getsize(path)
-        if size == 0:
-            return "empty file (0 bytes)"
-        with open(path, "rb") as handle:
-            head = handle.read(16)
-            handle.seek(max(0, size - _TAIL_BYTES))
-            tail = handle.read()
+        # One descriptor and positioned reads: the fewest system calls (this runs 1.3 M times).
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return "empty file (0 bytes)"
+            head = os.pread(fd, 16, 0)
+            tail = os.pread(fd, _TAIL_BYTES, max(0, size - _TAIL_BYTES))
+        finally:
+            os.close(fd)
     except OSError as exc:
         return f"cannot be read ({exc.strerror or exc})"
     if head.startswith(_JPEG_START):
@@ -223,18 +284,38 @@ def _probe_chunk(paths: Sequence[str]) -> list[str | None]:
     return [probe_image(path) for path in paths]
 
 
+# Probing slower than this per file means reads wait on storage (a network filesystem, a cold
+# disk), which threads overlap; faster, the files come from memory and the work is CPU-bound
+# Python, where threads only contend for the GIL (measured on 1.28 M cached files: 4.7 us a
+# file in one thread, 8.5 us with 2 or 8).
+_THREADED_ABOVE_S = 50e-6
+
+
 def find_bad_images(files: Sequence[str], *, threads: int | None = None) -> dict[int, str]:
-    """Positions and reasons of the files `probe_image` rejects (threads overlap the file I/O)."""
-    if threads is None:
-        threads = min(32, 4 * (os.cpu_count() or 1))
+    """Positions and reasons of the files `probe_image` rejects.
+
+    ``threads=None`` times the first 512 files in this thread and goes on with a thread pool
+    only when the reads wait on storage (see ``_THREADED_ABOVE_S``).
+    """
     chunk = 512
     chunks = [files[start : start + chunk] for start in range(0, len(files), chunk)]
+    if not chunks:
+        return {}
+    start = time.perf_counter()
+    results = [_probe_chunk(chunks[0])]
+    if threads is None:
+        per_file_s = (time.perf_counter() - start) / len(chunks[0])
+        threads = 1 if per_file_s < _THREADED_ABOVE_S else min(32, 4 * (os.cpu_count() or 1))
+    if threads <= 1:
+        results += map(_probe_chunk, chunks[1:])
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            results += pool.map(_probe_chunk, chunks[1:])
     bad: dict[int, str] = {}
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for chunk_index, reasons in enumerate(pool.map(_probe_chunk, chunks)):
-            for offset, reason in enumerate(reasons):
-                if reason is not None:
-                    bad[chunk_index * chunk + offset] = reason
+    for chunk_index, reasons in enumerate(results):
+        for offset, reason in enumerate(reasons):
+            if reason is not None:
+                bad[chunk_index * chunk + offset] = reason
     return bad
 
 

@@ -4,7 +4,8 @@ A standard pipeline on purpose: PIL decoding and torchvision transforms in ``cfg
 worker processes (train: ``RandomResizedCrop(scale=data.crop_area, ratio=(3/4, 4/3))`` +
 ``RandomHorizontalFlip``; val: ``Resize(val_resize)`` + ``CenterCrop(image_size)``; bilinear,
 antialiased), uint8 HWC batches (pinned when the device is CUDA) moved to the device, where they
-become normalized NCHW channels_last tensors of the requested dtype. Order and sharding come from
+become normalized NCHW tensors of the requested dtype: channels_last memory (a stride change, no
+copy) with ``train.channels_last``, else contiguous NCHW. Order and sharding come from
 `fastkd.data.sharding.ShardPlan`, so this loader reads exactly the files the DALI loader reads.
 
 Augmentation randomness is seeded per sample from (seed, epoch, position in the epoch), which
@@ -191,6 +192,8 @@ class TorchLoader:
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
         crop_area: tuple[float, float] = (0.08, 1.0),
+        channels_last: bool = True,
+        max_batches: int = 0,
     ) -> None:
         self.index = index
         self.classes = list(index.classes)
@@ -199,6 +202,7 @@ class TorchLoader:
         self.dtype = dtype
         self.batch_size = batch_size
         self.train = train
+        self.channels_last = channels_last
         self.plan = ShardPlan(
             len(index),
             train=train,
@@ -206,6 +210,7 @@ class TorchLoader:
             rank=rank,
             world_size=world_size,
             seed=seed,
+            max_batches=max_batches,
         )
         self.num_samples = self.plan.num_samples
         transform = (
@@ -255,9 +260,12 @@ class TorchLoader:
         self, images: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # HWC -> NCHW is a stride change only: the result is channels_last without a copy, and
-        # the conversion and normalization below keep that memory format.
+        # the conversion and normalization below keep that memory format; an NCHW run gets its
+        # contiguous copy in the same pass as the conversion to float.
         images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        images = images.to(torch.float32).sub_(self._mean).div_(self._std)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        images = images.to(torch.float32, memory_format=memory_format)
+        images = images.sub_(self._mean).div_(self._std)
         if self.dtype != torch.float32:
             images = images.to(self.dtype)
         return images, labels.to(self.device, non_blocking=True)

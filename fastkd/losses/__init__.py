@@ -7,10 +7,19 @@ term alone (equal to mmrazor's ``WSLD``). See ``fastkd/losses/wsld.py`` for the 
 from fastkd.losses.wsld import (
     LossTerms,
     WSLDLoss,
+    describe_impl,
     fused_available,
     kd_loss,
     wsld_ce_loss,
     wsld_loss,
 )
 
-__all__ = ["LossTerms", "WSLDLoss", "fused_available", "kd_loss", "wsld_ce_loss", "wsld_loss"]
+__all__ = [
+    "LossTerms",
+    "WSLDLoss",
+    "describe_impl",
+    "fused_available",
+    "kd_loss",
+    "wsld_ce_loss",
+    "wsld_loss",
+]

@@ -94,6 +94,33 @@ def _use_fused(impl: str, student_logits: Tensor) -> bool:
     raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
 
 
+def describe_impl(impl: Impl, device: torch.device | str) -> tuple[str, str | None]:
+    """Which WSLD implementation ``impl`` runs on ``device``, and a warning when the fused op
+    was asked for (``auto``) but this build has no kernel for that device.
+
+    ``impl="fused"`` without a kernel raises ``ValueError`` (as its first call would), so a run
+    stops at start rather than at its first step.
+    """
+    device_type = torch.device(device).type
+    if impl == "reference":
+        return "reference (plain PyTorch)", None
+    if fused_available(device_type):
+        return ("fused CUDA op" if device_type == "cuda" else "fused C++ op (CPU kernels)"), None
+    if ops.extension is None:
+        why = f"fastkd._C is not built (`{ops.BUILD_COMMAND}` builds it)"
+    else:
+        why = (
+            f"this fastkd._C has no {device_type} kernel: rebuild it where a CUDA toolkit is "
+            f"found (`FASTKD_BUILD_CUDA=1 {ops.BUILD_COMMAND}`, CUDA_HOME set)"
+        )
+    if impl == "fused":
+        raise ValueError(f"loss.impl=fused but {why}; or use loss.impl=auto")
+    warning = None
+    if device_type != "cpu" or ops.extension is not None:  # a missing build already warned
+        warning = f"the WSLD loss runs the slower reference implementation: {why}"
+    return "reference (plain PyTorch; no fused kernel for this device)", warning
+
+
 def _check_label_values(labels: Tensor, num_classes: int) -> None:
     """Range-check labels where that costs no device synchronization (CPU, eager)."""
     if (
