@@ -300,9 +300,44 @@ def resume_into(
     return epoch, float(saved.get("best_top1", float("-inf")))
 
 
+def build_loaders(cfg: Config, dist: DistInfo, precision: Precision) -> tuple[Any, Any]:
+    """This rank's training and validation loaders, from one scan of data.root per run.
+
+    The training loader serves exactly the steps of an epoch (``train.max_steps_per_epoch``
+    included). Ranks that read different lists, or cut them into different steps, would train on
+    overlapping shards or wait for each other at the epoch's end: they stop here instead.
+    """
+    from fastkd.data import build_train_loader, build_val_loader, shared_split_indexes
+
+    loader_args = dict(
+        device=dist.device,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        dtype=batch_dtype(cfg, dist.device, precision),
+        channels_last=cfg.train.channels_last,
+    )
+    indexes = shared_split_indexes(cfg.data, dist)  # one scan per run, on rank 0
+    with fail_together(dist, "building the data loaders"):
+        train_loader = build_train_loader(
+            cfg.data,
+            seed=cfg.run.seed,
+            max_batches=cfg.train.max_steps_per_epoch,
+            index=indexes["train"],
+            **loader_args,
+        )
+        val_loader = build_val_loader(cfg.data, index=indexes["val"], **loader_args)
+    agree_on(
+        {"training images": len(indexes["train"]), "validation images": len(indexes["val"]),
+         "classes": train_loader.num_classes, "steps per epoch": len(train_loader),
+         "run.seed": cfg.run.seed,
+         "file list hash": indexes["train"].digest()[:16] + indexes["val"].digest()[:16]},
+        dist, "the data (check data.root and the data.* and train.* overrides of every node)",
+    )  # fmt: skip
+    return train_loader, val_loader
+
+
 def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
     """Train per ``cfg``; returns the summary that is also written to ``run.dir/summary.json``."""
-    from fastkd.data import build_train_loader, build_val_loader, shared_split_indexes
     from fastkd.data.synthetic import prepare_synthetic
 
     dist = dist or init_distributed(cfg.train.device, cfg.run.setup_timeout_min)
@@ -320,38 +355,9 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
     setup_barrier(dist)
 
     precision = resolve_precision(cfg.train.amp, device)
-    loader_args = dict(
-        device=device,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        dtype=batch_dtype(cfg, device, precision),
-        channels_last=cfg.train.channels_last,
-    )
-    indexes = shared_split_indexes(cfg.data, dist)  # one scan per run, on rank 0
-    with fail_together(dist, "building the data loaders"):
-        train_loader = build_train_loader(
-            cfg.data,
-            seed=cfg.run.seed,
-            max_batches=cfg.train.max_steps_per_epoch,
-            index=indexes["train"],
-            **loader_args,
-        )
-        val_loader = build_val_loader(cfg.data, index=indexes["val"], **loader_args)
+    train_loader, val_loader = build_loaders(cfg, dist, precision)
     num_classes = train_loader.num_classes
     steps = len(train_loader)  # the loader serves exactly the steps of an epoch
-    # Ranks that read different lists, or cut them into different steps, would train on
-    # overlapping shards or wait for each other at the epoch's end: stop now instead.
-    agree_on(
-        {"training images": len(indexes["train"]), "validation images": len(indexes["val"]),
-         "classes": num_classes, "steps per epoch": steps, "run.seed": cfg.run.seed,
-         "file list hash": indexes["train"].digest()[:16] + indexes["val"].digest()[:16]},
-        dist, "the data (check data.root and the data.* and train.* overrides of every node)",
-    )  # fmt: skip
-    if steps == 0:
-        raise ConfigError(
-            f"no full training batch: data.batch_size={cfg.data.batch_size} x {dist.world_size} process(es) "
-            f"is more than the {train_loader.num_samples * dist.world_size} training images; lower data.batch_size"
-        )
 
     models = build_models(cfg, num_classes, dist)
     student, teacher = models.student, models.teacher

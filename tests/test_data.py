@@ -311,6 +311,10 @@ def test_gpu_pipeline_is_well_formed_without_a_gpu(make_data_config, split):
     pipe._build_graph()
     assert [node.device for node in pipe._graph_out] == ["gpu", "gpu"]  # images and labels
 
+    from fastkd.data.dali import decoder_padding_bytes
+
+    gpu_bytes, pinned_bytes = decoder_padding_bytes(8)  # what the README's memory note says
+    assert round(gpu_bytes / 2**30, 2) == 1.57 and round(pinned_bytes / 2**30, 2) == 2.09
     plain = build(
         make_data_config(backend="dali", dali_preallocate=False), device=torch.device("cuda", 0)
     )

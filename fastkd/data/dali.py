@@ -40,6 +40,7 @@ the batch shape stays fixed).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -329,6 +330,25 @@ def _pil_decode_problem(path: str) -> str | None:
     return None
 
 
+def _gpu_decoder_args(train: bool, hw_decoder_load: float, preallocate: bool) -> dict[str, Any]:
+    """The "mixed" (GPU) decoder's arguments for the training or the validation pipeline."""
+    args: dict[str, Any] = {"hw_decoder_load": hw_decoder_load}
+    if not train:
+        # nvJPEG's default chroma upsampling differs from libjpeg's, which decoded the images of
+        # every published ImageNet accuracy (PIL): measure like them.
+        args["jpeg_fancy_upsampling"] = True
+    elif preallocate:
+        # Training decodes every image every epoch: no growth stalls. Validation's few short
+        # passes grow their buffers on demand (see the module docstring).
+        args.update(
+            device_memory_padding=_DEVICE_MEMORY_PADDING,
+            host_memory_padding=_HOST_MEMORY_PADDING,
+            preallocate_width_hint=_PREALLOCATE_WIDTH_HINT,
+            preallocate_height_hint=_PREALLOCATE_HEIGHT_HINT,
+        )
+    return args
+
+
 class DaliLoader:
     """Batches ``(images, labels)`` of one split for one rank from a DALI pipeline.
 
@@ -400,25 +420,9 @@ class DaliLoader:
         self._source: _PlanSource | None = None
         self._pass_open = False
         self._source_offset = 0
-        decoder_args: dict[str, Any] = {}
-        if use_gpu:
-            decoder_args["hw_decoder_load"] = hw_decoder_load
-            if not train:
-                # nvJPEG's default chroma upsampling differs from libjpeg's, which decoded the
-                # images of every published ImageNet accuracy (PIL): measure like them.
-                decoder_args["jpeg_fancy_upsampling"] = True
-            elif preallocate:
-                # Training decodes every image every epoch: no growth stalls. Validation's few
-                # short passes grow their buffers on demand (see the module docstring).
-                decoder_args.update(
-                    device_memory_padding=_DEVICE_MEMORY_PADDING,
-                    host_memory_padding=_HOST_MEMORY_PADDING,
-                    preallocate_width_hint=_PREALLOCATE_WIDTH_HINT,
-                    preallocate_height_hint=_PREALLOCATE_HEIGHT_HINT,
-                )
         self._pipeline_kwargs: dict[str, Any] = dict(
             decoder_device="mixed" if use_gpu else "cpu",
-            decoder_args=decoder_args,
+            decoder_args=_gpu_decoder_args(train, hw_decoder_load, preallocate) if use_gpu else {},
             image_size=image_size,
             mean=[float(v) for v in mean],
             std=[float(v) for v in std],
@@ -427,6 +431,13 @@ class DaliLoader:
         )
         if not train:
             self._pipeline_kwargs["val_resize"] = val_resize
+        if use_gpu and train and preallocate:
+            gpu_bytes, pinned_bytes = decoder_padding_bytes(workers)
+            logging.getLogger("fastkd").info(
+                "DALI GPU decoder buffers: %.1f GiB of GPU and %.1f GiB of pinned host memory "
+                "(%d threads; data.dali_preallocate=false drops them)",
+                gpu_bytes / 2**30, pinned_bytes / 2**30, max(1, workers),
+            )  # fmt: skip
         self._runtime_kwargs: dict[str, Any] = dict(
             batch_size=batch_size,
             num_threads=max(1, workers),
