@@ -620,7 +620,8 @@ def test_dali_crops_follow_the_documented_sample_seeds(make_data_config):
     for batch, (positions, seeds) in zip(source, loader._planned_batches(), strict=True):
         assert np.array_equal(seeds, loader.plan.seed_batches(3)[len(source.emitted) - 1])
         draws = crop_draws(sample_uniforms(seeds, _UNIFORMS_PER_SAMPLE), tuple(cfg.crop_area))
-        for got, key in zip(batch[2:], ("area", "ratio", "position", "flip"), strict=True):
+        keys = ("area_x_ratio", "area_per_ratio", "position", "flip")
+        for got, key in zip(batch[2:], keys, strict=True):
             assert np.array_equal(got, draws[key])
         assert np.array_equal(batch[1], np.asarray(loader.index.labels)[positions])
     assert len(source.emitted) == len(loader)
@@ -690,31 +691,36 @@ def test_dali_crop_window_follows_the_random_resized_crop_rule(tmp_path):
         files.append(tmp_path / f"{i}.jpg")
         Image.new("RGB", (w, h), (i * 9 % 256, 80, 160)).save(files[-1])
     draws = crop_draws(sample_uniforms(np.arange(len(files), dtype=np.int64), 23), (0.08, 1.0))
-    draws["area"][:4] = 0.99  # first rows: no draw fits a non-square image (fallback)
+    # The draws as torchvision makes them: area fraction and aspect ratio of each attempt.
+    area = np.sqrt(draws["area_x_ratio"] * draws["area_per_ratio"])
+    ratio = np.sqrt(draws["area_x_ratio"] / draws["area_per_ratio"])
+    assert area.min() >= 0.08 - 1e-6 and area.max() <= 1 + 1e-6
+    assert ratio.min() >= 3 / 4 - 1e-6 and ratio.max() <= 4 / 3 + 1e-6
+    area[:4] = 0.99  # first rows: no draw fits a non-square image (fallback)
+    draws["area_x_ratio"], draws["area_per_ratio"] = area * ratio, area / ratio
     encoded = [np.fromfile(f, dtype=np.uint8) for f in files]
 
     @pipeline_def(batch_size=len(files), num_threads=1, device_id=None)
     def windows():
-        data, area, ratio, position = fn.external_source(
-            source=lambda: (encoded, draws["area"], draws["ratio"], draws["position"]),
+        data, area_x_ratio, area_per_ratio, position = fn.external_source(
+            source=lambda: (encoded, draws["area_x_ratio"], draws["area_per_ratio"],
+                            draws["position"]),
             num_outputs=4, batch=True, dtype=[types.UINT8] + [types.FLOAT] * 3,
         )  # fmt: skip
-        return crop_window(data, area, ratio, position)
+        return crop_window(data, area_x_ratio, area_per_ratio, position)
 
     pipe = windows()
     pipe.build()
     anchors, sizes = (np.array(out.as_tensor()) for out in pipe.run())
     fallbacks = 0
     for i, (h, w) in enumerate(shapes):
-        x, y, cw, ch = _reference_window(
-            h, w, draws["area"][i], draws["ratio"][i], draws["position"][i]
-        )
+        x, y, cw, ch = _reference_window(h, w, area[i], ratio[i], draws["position"][i])
         assert np.allclose([*anchors[i], *sizes[i]], [x, y, cw, ch], atol=1e-5), (i, h, w)
         fallbacks += bool(np.isclose(x, (1 - cw) / 2) and np.isclose(y, (1 - ch) / 2))
-        area, aspect = cw * ch, (cw * w) / (ch * h)
+        window_area, window_aspect = cw * ch, (cw * w) / (ch * h)
         assert x >= 0 and x + cw <= 1 + 1e-6 and y >= 0 and y + ch <= 1 + 1e-6
-        assert 3 / 4 - 1e-4 <= aspect <= 4 / 3 + 1e-4 or cw == 1 or ch == 1
-        assert area >= 0.08 - 1e-6
+        assert 3 / 4 - 1e-4 <= window_aspect <= 4 / 3 + 1e-4 or cw == 1 or ch == 1
+        assert window_area >= 0.08 - 1e-6
     assert fallbacks >= 3 and CROP_ATTEMPTS == 10
 
 

@@ -90,60 +90,62 @@ def decoder_padding_bytes(workers: int) -> tuple[int, int]:
 def crop_draws(uniforms: np.ndarray, crop_area: tuple[float, float]) -> dict[str, np.ndarray]:
     """The training augmentation's random draws from `sample_uniforms` rows (one per sample).
 
-    ``area`` and ``ratio`` (N x CROP_ATTEMPTS): candidate window area fractions and aspect ratios
-    (width / height); ``position`` (N x 2): where the window sits in the room left, x then y;
-    ``flip`` (N,): 1 to mirror horizontally.
+    Each of the CROP_ATTEMPTS candidate windows has an area fraction ``a`` (uniform in
+    ``crop_area``) and an aspect ratio ``r`` (width / height, log-uniform in [3/4, 4/3]), passed
+    as ``area_x_ratio`` = a * r and ``area_per_ratio`` = a / r (N x CROP_ATTEMPTS), the two
+    products `crop_window` needs. ``position`` (N x 2): where the window sits in the room left,
+    x then y; ``flip`` (N,): 1 to mirror horizontally.
     """
     k = CROP_ATTEMPTS
     low, high = crop_area
+    area = low + (high - low) * uniforms[:, :k]
     log_low, log_high = np.log(_MIN_RATIO), np.log(_MAX_RATIO)
+    ratio = np.exp(log_low + (log_high - log_low) * uniforms[:, k : 2 * k])
     return {
-        "area": (low + (high - low) * uniforms[:, :k]).astype(np.float32),
-        "ratio": np.exp(log_low + (log_high - log_low) * uniforms[:, k : 2 * k]).astype(np.float32),
+        "area_x_ratio": (area * ratio).astype(np.float32),
+        "area_per_ratio": (area / ratio).astype(np.float32),
         "position": np.ascontiguousarray(uniforms[:, 2 * k : 2 * k + 2], dtype=np.float32),
         "flip": (uniforms[:, 2 * k + 2] < 0.5).astype(np.int32),
     }
 
 
-def crop_window(encoded: Any, area: Any, ratio: Any, position: Any) -> tuple[Any, Any]:
+def crop_window(
+    encoded: Any, area_x_ratio: Any, area_per_ratio: Any, position: Any
+) -> tuple[Any, Any]:
     """The relative (anchor, shape) of each sample's RandomResizedCrop window, as DALI nodes.
 
-    A window of area fraction ``a`` and aspect ratio ``r`` fits an image of aspect ``s = W / H``
-    exactly when ``a * r <= s <= r / a``; the first fitting draw wins, as in torchvision. When
-    none fits, torchvision's fallback: the whole image, cropped to the nearest allowed aspect
-    ratio, centred. Everything is per-sample arithmetic on DALI's CPU; the image is never decoded
-    for it (``peek_image_shape`` reads the header).
+    A window of area fraction ``a`` and aspect ratio ``r`` on an image of aspect ``s = W / H``
+    has relative width ``sqrt(a * r / s)`` and height ``sqrt(a / r * s)``: it fits when both are
+    at most 1. The first fitting draw wins, as in torchvision; when none fits, torchvision's
+    fallback: the whole image cropped to the nearest allowed aspect ratio, centred. Per-sample
+    arithmetic on DALI's CPU (each operator costs per sample, so the draws arrive as the
+    products it needs); ``peek_image_shape`` reads the header, nothing is decoded for it.
     """
     shape = fn.peek_image_shape(encoded, dtype=types.FLOAT, adjust_orientation=False)
     aspect = shape[1] / shape[0]
-    fits = (area * ratio <= aspect) & (aspect <= ratio / area)
-    # The first fitting draw: the largest of the distinct powers of two of the fitting ones.
+    fits = (area_x_ratio <= aspect) & (area_per_ratio * aspect <= 1.0)
+    # The first fitting draw: the largest of the distinct powers of two of the fitting ones
+    # (when none fits, every draw is "first" and the result is discarded below).
     priority = types.Constant(
         np.array([2.0 ** (CROP_ATTEMPTS - 1 - i) for i in range(CROP_ATTEMPTS)], np.float32)
     )
     score = fits * priority
     best = fn.reductions.max(score)
-    first = fits & (score == best)
-    found = best > 0
-    # The fallback as an (area, ratio) pair, so one formula gives either window without 0/0.
-    fallback_w = dmath.min(1.0, _MAX_RATIO / aspect)
-    fallback_h = dmath.min(1.0, aspect / _MIN_RATIO)
-    chosen_area = dmath.max(
-        fn.reductions.sum(first * area) + (1 - found) * fallback_w * fallback_h, 1e-6
+    first = score == best
+    found, fallback = best > 0, best <= 0
+    width = found * dmath.sqrt(fn.reductions.sum(first * area_x_ratio) / aspect)
+    height = found * dmath.sqrt(fn.reductions.sum(first * area_per_ratio) * aspect)
+    size = fn.stack(
+        width + fallback * dmath.min(1.0, _MAX_RATIO / aspect),
+        height + fallback * dmath.min(1.0, aspect / _MIN_RATIO),
     )
-    chosen_ratio = dmath.max(
-        fn.reductions.sum(first * ratio) + (1 - found) * aspect * fallback_w / fallback_h, 1e-6
-    )
-    width = dmath.min(dmath.sqrt(chosen_area * chosen_ratio / aspect), 1.0)
-    height = dmath.min(dmath.sqrt(chosen_area * aspect / chosen_ratio), 1.0)
-    x = (1 - width) * (found * position[0] + (1 - found) * 0.5)
-    y = (1 - height) * (found * position[1] + (1 - found) * 0.5)
-    return fn.stack(x, y), fn.stack(width, height)
+    anchor = (1.0 - size) * (found * position + fallback * 0.5)
+    return anchor, size
 
 
 def _read_files(source: _PlanSource, *, train: bool) -> list[Any]:
-    """The plan's file names and labels (for training also the `crop_draws`: area, ratio,
-    position, flip), with the files' encoded bytes read in DALI's threads in place of the names."""
+    """The plan's file names and labels (for training also the `crop_draws`: area_x_ratio,
+    area_per_ratio, position, flip), with the files' bytes read in DALI's threads for the names."""
     dtypes, ndims = [types.UINT8, types.INT32], [1, 0]
     if train:
         dtypes += [types.FLOAT, types.FLOAT, types.FLOAT, types.INT32]
@@ -172,8 +174,8 @@ def train_pipeline(
     layout: str,
 ) -> tuple[Any, Any]:
     """Decode the sample's crop window, resize it to ``image_size``, flip, normalize."""
-    encoded, labels, area, ratio, position, flip = _read_files(source, train=True)
-    anchor, window = crop_window(encoded, area, ratio, position)
+    encoded, labels, area_x_ratio, area_per_ratio, position, flip = _read_files(source, train=True)
+    anchor, window = crop_window(encoded, area_x_ratio, area_per_ratio, position)
     images = fn.decoders.image_slice(
         encoded,
         anchor,
@@ -313,8 +315,8 @@ class _PlanSource:
             yield (
                 encoded_paths,
                 self._labels[positions],
-                draws["area"],
-                draws["ratio"],
+                draws["area_x_ratio"],
+                draws["area_per_ratio"],
                 draws["position"],
                 draws["flip"],
             )
