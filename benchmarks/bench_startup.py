@@ -47,6 +47,8 @@ sys.path.insert(0, str(REPO))
 
 from common import format_table, run_cli, write_json  # noqa: E402
 
+from fastkd.data.folder import DataError  # noqa: E402
+
 IMAGENET_TRAIN_IMAGES = 1_281_167
 MARKER = ".bench_startup.json"
 _SCAN_LINE = re.compile(r"data: (.*) images scanned(?: and pre-scanned)? in ([0-9.]+)s")
@@ -72,8 +74,9 @@ def make_tree(root: Path, classes: int, train_per_class: int, val_per_class: int
         return total
     if root.exists():
         if not marker.is_file():
-            raise SystemExit(
-                f"{root} exists and was not written by bench_startup: pick another --root"
+            raise DataError(
+                f"{root} exists and was not written by bench_startup (it deletes and rewrites "
+                "its trees): pick another --root"
             )
         shutil.rmtree(root)
     templates = _templates()

@@ -43,6 +43,31 @@ def git_commit() -> str:
     return sha + ("-dirty" if dirty else "")
 
 
+def _cpuinfo_field(name: str) -> str | None:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (bf16 results and oneDNN's kernels differ between CPU models)."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_bf16_units() -> str:
+    """Which bf16 hardware the CPU has: "amx" (Intel AMX), "avx512_bf16", or "none"."""
+    flags = set((_cpuinfo_field("flags") or "").split())
+    if "amx_bf16" in flags:
+        return "amx"
+    return "avx512_bf16" if "avx512_bf16" in flags else "none"
+
+
 def machine_info() -> dict[str, Any]:
     """Facts about this machine that a reader needs to compare two benchmark runs."""
     import torch
@@ -53,7 +78,8 @@ def machine_info() -> dict[str, Any]:
         "host": platform.node(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_bf16": cpu_bf16_units(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),

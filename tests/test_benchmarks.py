@@ -231,6 +231,39 @@ def test_bench_data_missing_root_is_one_clear_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+# --- bench_startup --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_bench_startup_two_processes_scan_once(tmp_path):
+    """A tree of ImageNet's shape in miniature, two torchrun processes: one scan, a first step."""
+    out = tmp_path / "startup.json"
+    result = run_script(
+        "benchmarks/bench_startup.py", "--root", str(tmp_path / "trees"), "--classes", "12",
+        "--train-per-class", "6", "--val-per-class", "1", "--small-per-class", "0",
+        "--procs", "2", "--timeout", "240", "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = load(out)["results"]
+    assert (row["tree"], row["files"], row["procs"]) == ("large", 84, 2)
+    assert row["processes_that_scanned"] == 1 and row["scan_calls"] == 2  # train and val, rank 0
+    assert row["scanned"] == "72 train + 12 val" and row["rank0_scan_s"] >= 0
+    assert row["launch_to_first_step_s"] > 0
+    assert (tmp_path / "trees" / "large" / "train" / "n00000011").is_dir()
+
+
+def test_bench_startup_never_deletes_a_foreign_folder(tmp_path):
+    (tmp_path / "large").mkdir()
+    (tmp_path / "large" / "mine.txt").write_text("keep me")
+    result = run_script(
+        "benchmarks/bench_startup.py", "--root", str(tmp_path), "--classes", "2",
+        "--train-per-class", "1", "--small-per-class", "0",
+    )  # fmt: skip
+    assert result.returncode == 2 and "was not written by bench_startup" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "large" / "mine.txt").read_text() == "keep me"
+
+
 # --- gpu_check.sh ---------------------------------------------------------------------------------
 
 
