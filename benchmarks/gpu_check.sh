@@ -10,7 +10,8 @@
 #
 #   build       compile fastkd._C in place (CPU + CUDA for the local GPU's architecture)
 #   tests       pytest of the tests marked `gpu` (the CUDA op against the CPU kernel, registration;
-#               an epoch on CUDA synchronizes only at log lines, by CUDA's sync debug mode)
+#               an epoch on CUDA synchronizes only at log lines, by CUDA's sync debug mode;
+#               train.amp=auto picks bf16 only where the GPU has it natively)
 #   loss_check  benchmarks/gpu_loss_check.py: CUDA op vs reference (fp32/fp16/bf16, edge cases),
 #               timing vs eager at 256x1000 ... 4096x21843 (and vs torch.compile of the eager
 #               objective at 256x1000 and 4096x21843 fp16), memory bandwidth vs a D2D copy
@@ -162,7 +163,7 @@ fi
 if "$PYTHON" -c "import pytest" 2>/dev/null; then
   # --noconftest: these files need no shared fixtures, and tests/conftest.py imports the
   # data pipeline, whose optional dependencies need not be on the GPU machine.
-  section tests 60 "$OUT/tests.json" "$PYTHON" -m pytest tests/test_ops.py tests/test_losses.py tests/test_sync.py \
+  section tests 60 "$OUT/tests.json" "$PYTHON" -m pytest tests/test_ops.py tests/test_losses.py tests/test_sync.py tests/test_engine.py \
     -m gpu -q -p no:cacheprovider --noconftest -ra --junitxml="$WORK/tests.xml" -o junit_family=xunit2
   # Condense the junit XML into the section's JSON (counts and failing test names).
   "$PYTHON" - "$WORK/tests.xml" "$OUT/tests.json" <<'PY' || true

@@ -97,6 +97,10 @@ def format_report(summaries: list[dict[str, Any]]) -> str:
             "seeds move either top-1 by several points (README, Quickstart), so this is no "
             "measure of WSLD's gain."
         )
+        lines.append(
+            "Reproducible on the same CPU model with the same commit and torch build; another "
+            "CPU model (bf16 on Intel AMX vs AMD AVX-512) gives other accuracies."
+        )
     return "\n".join(lines)
 
 

@@ -68,6 +68,20 @@ def test_peak_flops_is_measured_in_the_runs_dtype(monkeypatch):
     assert seen == [torch.float16] * 2 + [torch.float32] * 2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_precision_matches_this_gpus_bf16_units():
+    """On a real GPU: bf16 from sm_80, fp16 with a scaler below; the MFU peak in that dtype."""
+    cuda = torch.device("cuda", 0)
+    major, minor = torch.cuda.get_device_capability(cuda)
+    p = resolve_precision("auto", cuda)
+    assert (p.dtype, p.use_scaler) == (
+        (torch.bfloat16, False) if major >= 8 else (torch.float16, True)
+    )
+    assert f"sm_{major}{minor}" in p.reason
+    assert engine.measure_peak_flops(cuda, p.dtype) > 1e12
+
+
 def _model():
     return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
 
