@@ -9,11 +9,12 @@ the bytes. Then, for each process count of --procs, it launches ``python -m fast
 once its first step is done (the ``compile`` record in metrics.jsonl).
 
 Reported per launch: seconds from launch to the first step, rank 0's scan and pre-scan time (its
-log line), how many processes scanned data.root (counted with tests/scan_probe, which records
-every scan of every process), and the per-file scan cost. With --small-per-class a second,
+log line), how many processes walked or pre-scanned data.root and how often (counted with
+tests/scan_probe, which records every walk and pre-scan of every process), and the per-file scan
+cost. With --small-per-class a second,
 small tree of the same shape gives the fixed cost (imports, models, pipeline), so that
 
-    extrapolated(1.28 M) = launch_to_step(small) + per_file_cost * (1,281,167 - files(small))
+    extrapolated = launch_to_step(small) + per_file_cost * (1,281,167 + 50,000 - files(small))
 
 where per_file_cost is the slope between the two trees. With the default sizes the large tree
 is ImageNet's size and nothing needs extrapolating; it is reported all the same.
@@ -161,7 +162,8 @@ def launch(root: Path, procs: int, timeout_s: float) -> dict[str, Any]:
             "rank0_scan_s": float(scan.group(2)) if scan else None,
             "scanned": scan.group(1) if scan else None,
             "processes_that_scanned": len({line.split()[0] for line in scan_lines}),
-            "scan_calls": len(scan_lines),
+            "walks": sum(line.split()[1] == "walk" for line in scan_lines),
+            "prescans": sum(line.split()[1] == "prescan" for line in scan_lines),
         }
 
 

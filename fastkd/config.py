@@ -8,8 +8,10 @@ file can never execute code.
 Values mean what a person typed: scalars follow YAML 1.2's core schema rather than the YAML 1.1
 rules of ``yaml.safe_load``, so ``1e-3`` is a float (1.1 reads a string), ``off``/``on``/``yes``/``no``
 are words (1.1 reads booleans), ``010`` is ten (1.1: octal eight) and ``2026-12-02`` a string. A
-float field also takes any string Python's ``float()`` accepts; a bool field takes
-true/false/yes/no/on/off; a choice field offering ``off``/``on`` takes a boolean as that word.
+float field also takes any string Python's ``float()`` accepts, an int field any ``int()`` takes
+(``1_000``); a bool field takes true/false/yes/no/on/off; a choice field offering ``off``/``on``
+takes a boolean as that word. `dump_yaml` (config.yaml, ``--print-config``) quotes every string
+that a YAML 1.1 or 1.2 reader would take for something else, so the file reads back unchanged.
 
 Loading order: the file's ``_base_`` files (paths relative to the file, merged in order, deeply),
 then the file itself, then ``dotted.key=value`` overrides whose values are parsed as YAML scalars or
@@ -314,6 +316,25 @@ def _construct_core_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
 _CoreSchemaLoader.add_constructor("tag:yaml.org,2002:int", _construct_core_int)
 
 
+class _UnambiguousDumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that quotes every string a YAML 1.1 or 1.2 reader would take for
+    something else (``'1e3'``, ``'0o17'``, ``'off'``, ``'010'``), so that what it writes reads
+    back the same with `load_yaml` and with any YAML 1.1 tool."""
+
+
+_UnambiguousDumper.yaml_implicit_resolvers = {
+    first: list(yaml.SafeDumper.yaml_implicit_resolvers.get(first, []))
+    + list(_CoreSchemaLoader.yaml_implicit_resolvers.get(first, []))
+    for first in set(yaml.SafeDumper.yaml_implicit_resolvers)
+    | set(_CoreSchemaLoader.yaml_implicit_resolvers)
+}
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML text of plain data (keys in order) that `load_yaml` reads back unchanged."""
+    return yaml.dump(data, Dumper=_UnambiguousDumper, sort_keys=False)
+
+
 def load_yaml(text: str) -> Any:
     """Parse YAML text with core-schema scalars; never constructs arbitrary Python objects."""
     return yaml.load(text, Loader=_CoreSchemaLoader)  # a SafeLoader subclass: no code runs
@@ -470,6 +491,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise bad
         return value
     if tp is int:
+        if isinstance(value, str):
+            try:
+                return int(value, 10)  # "1_000" as Python reads it
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
         return value
@@ -579,11 +605,6 @@ def _check_ranges(cfg: Config) -> None:
         f"sched.warmup_epochs must be >= 0, got {cfg.sched.warmup_epochs}",
     )
     need(0 < cfg.sched.warmup_start_factor <= 1, "sched.warmup_start_factor must be in (0, 1]")
-    need(
-        cfg.sched.warmup_epochs < cfg.train.epochs,
-        f"sched.warmup_epochs ({cfg.sched.warmup_epochs}) must be shorter than train.epochs "
-        f"({cfg.train.epochs}): the schedule would never leave its warm-up",
-    )
     need(all(m >= 0 for m in cfg.sched.milestones), "sched.milestones must be >= 0")
     need(
         cfg.sched.milestones == sorted(cfg.sched.milestones),
@@ -631,7 +652,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.write_text(dump_yaml(to_dict(cfg)))
     tmp.replace(path)
 
 

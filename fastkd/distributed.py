@@ -5,9 +5,9 @@ A plain ``python -m fastkd.train`` is a world of one and never touches torch.dis
 the process group: NCCL on GPUs, Gloo on CPUs.
 
 Setup steps where ranks wait for one another for long (rank 0 scanning a data set of millions of
-files while the others wait for its result) talk over a separate Gloo group whose timeout is
-``run.setup_timeout_min``, so a slow scan never trips NCCL's 10-minute timeout, which stays the
-watchdog of the training collectives.
+files while the others wait for its result) talk over a second process group of the same backend
+whose timeout is ``run.setup_timeout_min``, so a slow scan never trips NCCL's 10-minute timeout,
+which stays the watchdog of the training collectives.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def check_launcher(environ: dict[str, str] | None = None) -> None:
     )
 
 
-_setup_group: Any = None  # the Gloo group of long setup waits (see the module docstring)
+_setup_group: Any = None  # the group of long setup waits (see the module docstring)
 
 
 def init_distributed(device_preference: str = "auto", setup_timeout_min: int = 60) -> DistInfo:
@@ -94,7 +94,9 @@ def init_distributed(device_preference: str = "auto", setup_timeout_min: int = 6
         dist.init_process_group(
             backend=backend, device_id=device if device.type == "cuda" else None
         )
-        _setup_group = dist.new_group(backend="gloo", timeout=timedelta(minutes=setup_timeout_min))
+        # The default backend: NCCL's timeout is per group, and a Gloo group would need Gloo's
+        # own network set-up (GLOO_SOCKET_IFNAME) on clusters where only NCCL is configured.
+        _setup_group = dist.new_group(timeout=timedelta(minutes=setup_timeout_min))
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

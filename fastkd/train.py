@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fastkd import checkpoint as ckpt_io
-from fastkd.config import Config, ConfigError, load_config, save_config, to_dict
+from fastkd.config import Config, ConfigError, dump_yaml, load_config, save_config, to_dict
 from fastkd.distributed import (
     DistInfo,
     PeerSetupError,
@@ -264,6 +264,12 @@ def log_recipe(cfg: Config, dist: DistInfo) -> str:
         if warning:
             warnings.warn(warning, stacklevel=2)
         loss = f"wsld ({impl})"
+    if cfg.sched.warmup_epochs >= cfg.train.epochs:
+        warnings.warn(
+            f"sched.warmup_epochs={cfg.sched.warmup_epochs} is not shorter than train.epochs="
+            f"{cfg.train.epochs}: the whole run is warm-up and the lr never reaches optim.lr",
+            stacklevel=2,
+        )
     log.info(
         "global batch %d (%d per process x %d), lr %.4g = %.4g per 256 images; loss %s",
         global_batch, cfg.data.batch_size, dist.world_size, cfg.optim.lr,
@@ -543,9 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
-            import yaml
-
-            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            print(dump_yaml(to_dict(cfg)), end="")
             return 0
         run(cfg)
     except user_errors() as exc:

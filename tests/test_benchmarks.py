@@ -246,7 +246,8 @@ def test_bench_startup_two_processes_scan_once(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = load(out)["results"]
     assert (row["tree"], row["files"], row["procs"]) == ("large", 84, 2)
-    assert row["processes_that_scanned"] == 1 and row["scan_calls"] == 2  # train and val, rank 0
+    # Rank 0 walks and pre-scans train and val; rank 1 (same node) receives the result.
+    assert (row["processes_that_scanned"], row["walks"], row["prescans"]) == (1, 2, 2)
     assert row["scanned"] == "72 train + 12 val" and row["rank0_scan_s"] >= 0
     assert row["launch_to_first_step_s"] > 0
     assert (tmp_path / "trees" / "large" / "train" / "n00000011").is_dir()

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torchvision
 import yaml
+from PIL import Image
 
 from fastkd.logging import read_metrics
 
@@ -103,8 +104,11 @@ def test_torchrun_two_ranks(nodes, tiny_imagefolder, tmp_path):
     scans = tmp_path / "scans.log"
     for result in _launch(torchrun, config, nodes, env=_scan_probe(scans)):
         assert result.returncode == 0, result.stderr[-3000:]
-    # One scan of data.root per run, on rank 0; the other rank received its result.
-    assert sorted(scans.read_text().splitlines()) == ["0 train", "0 val"]
+    # One walk and pre-scan of data.root per run, on rank 0; the other rank received its
+    # result, and on a node of its own it walked (never pre-scanned) its copy to check it.
+    expected = ["0 prescan 24", "0 prescan 20", "0 walk train", "0 walk val"]
+    expected += ["1 walk train", "1 walk val"] if nodes == 2 else []
+    assert sorted(scans.read_text().splitlines()) == sorted(expected)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["num_val_images"] == 20  # 10 + 10 across the ranks, none twice, none missing
@@ -146,7 +150,7 @@ def test_nodes_with_their_own_data_copies(tiny_imagefolder, tmp_path):
     other_run = f"run.dir={tmp_path / 'b'}"
     node0, node1 = _launch(_torchrun(), config, 2, ([other_run], [other_run, f"data.root={local}"]))
     assert node0.returncode != 0 and node1.returncode != 0, node0.stderr[-2000:]
-    assert "sampled train files are missing under" in node1.stderr, node1.stderr[-3000:]
+    assert "train files that rank 0 scanned are missing under" in node1.stderr, node1.stderr[-3000:]
     assert "rank(s) 1 failed while reading data.root" in node0.stderr, node0.stderr[-3000:]
 
     other_run = f"run.dir={tmp_path / 'c'}"
@@ -270,8 +274,8 @@ def test_disagreement_names_each_differing_entry_with_every_ranks_value():
 
 
 def test_setup_waits_use_their_own_long_timeout(monkeypatch):
-    """Rank 0 scanning millions of files keeps the others waiting in a Gloo group with
-    run.setup_timeout_min, not in NCCL's default group (10 minutes) that training uses."""
+    """Rank 0 scanning millions of files keeps the others waiting in a group of their own with
+    run.setup_timeout_min, not in the default group (NCCL: 10 minutes) that training uses."""
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -289,26 +293,36 @@ def test_setup_waits_use_their_own_long_timeout(monkeypatch):
     try:
         assert (info.rank, info.world_size) == (1, 2)
         assert "timeout" not in made["default"]  # the training collectives' own default
-        assert made["setup"] == {"backend": "gloo", "timeout": timedelta(minutes=90)}
+        assert made["setup"] == {"timeout": timedelta(minutes=90)}  # the default backend
         assert distributed._setup_group == "group"
     finally:
         monkeypatch.setattr(distributed, "_setup_group", None)
 
 
-def test_a_split_index_travels_without_its_root(tiny_imagefolder, tmp_path):
-    """Rank 0 sends its scan relative to its data.root; a node keeps its copy elsewhere."""
+def test_a_split_index_travels_without_its_root(tmp_path):
+    """Rank 0 sends its scan relative to its data.root; a node keeps its copy elsewhere, and
+    a copy that lacks even one file of thousands is found before training."""
     from fastkd.data import DataError
     from fastkd.data.folder import SplitIndex, scan_split
 
-    index = scan_split(tiny_imagefolder, "train")
-    copy = shutil.copytree(tiny_imagefolder, tmp_path / "elsewhere")
+    jpeg = Image.new("RGB", (8, 8))
+    for c in range(3):
+        (tmp_path / "rank0" / "train" / f"c{c}").mkdir(parents=True)
+        for i in range(1000):
+            jpeg.save(tmp_path / "rank0" / "train" / f"c{c}" / f"{i}.JPEG")
+    index = scan_split(tmp_path / "rank0", "train")
+    copy = shutil.copytree(tmp_path / "rank0", tmp_path / "node1")
     there = SplitIndex.from_portable(index.portable(), copy)
     assert there.files == scan_split(copy, "train").files and there.labels == index.labels
     assert there.classes == index.classes and there.digest() == index.digest()
-    there.check_present()
+    there.check_on_this_node()
+    (copy / "train" / "c2" / "extra.JPEG").write_bytes(b"never read")  # extra files: harmless
+    there.check_on_this_node()
     reordered = SplitIndex(index.split, index.root, index.classes, index.files[::-1],
                            index.labels[::-1])  # fmt: skip
     assert reordered.digest() != index.digest()
-    os.remove(there.files[5])
-    with pytest.raises(DataError, match=r"1 of 24 sampled train files are missing"):
-        there.check_present()
+    os.remove(there.files[1234])
+    with pytest.raises(
+        DataError, match=r"1 of the 3000 train files that rank 0 scanned are missing"
+    ):
+        there.check_on_this_node()

@@ -463,6 +463,10 @@ def test_start_log_says_global_batch_lr_per_256_and_the_loss_implementation(
                                          loss={"kind": "wsld", "impl": "reference"}))  # fmt: skip
     assert log_recipe(reference, CPU) == "wsld (reference (plain PyTorch))"
     assert log_recipe(load_config(write_config(tmp_path, tiny_imagefolder)), CPU) == "ce"
+    # A warm-up as long as the run (a smoke run of a recipe with warm-up) is said, not refused.
+    smoke = write_config(tmp_path, tiny_imagefolder, sched={"kind": "cosine", "warmup_epochs": 2})
+    with pytest.warns(UserWarning, match="the whole run is warm-up"):
+        log_recipe(load_config(smoke), CPU)
 
 
 def test_a_gpu_build_without_the_cuda_kernel_warns_or_refuses(

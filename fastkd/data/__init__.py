@@ -137,9 +137,10 @@ def shared_split_indexes(
 
     Rank 0's result (file paths relative to its ``data.root``) goes to every rank over the
     setup group, so the others wait for it without a collective timeout and build their paths
-    under their own ``data.root``; each checks that its split folders exist and that a sample
-    of the files is there. Any rank's failure stops every rank (`fail_together`), rank 0's scan
-    error included. A collective: every rank calls it.
+    under their own ``data.root``. One process on each other node (local rank 0) walks that
+    node's copy (directory listings only) and checks that every file of the list is there. Any
+    rank's failure stops every rank (`fail_together`), rank 0's scan error included. A
+    collective: every rank calls it.
     """
     log = logging.getLogger("fastkd")
     failure: Exception | None = None
@@ -170,8 +171,9 @@ def shared_split_indexes(
         indexes = {
             split: SplitIndex.from_portable(data, cfg.root) for split, data in payload.items()
         }
-        for index in indexes.values():
-            index.check_present()
+        if dist.local_rank == 0:  # one walk per node; its other ranks read the same disk
+            for index in indexes.values():
+                index.check_on_this_node()
     return indexes
 
 

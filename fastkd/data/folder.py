@@ -92,19 +92,21 @@ class SplitIndex:
         hasher.update(b"\0" + ",".join(map(str, self.labels)).encode())
         return hasher.hexdigest()
 
-    def check_present(self, samples: int = 256) -> None:
-        """Raise `DataError` when files of this index are missing here (checks ``samples`` of them,
-        spread over the list): a node whose copy of the data differs from the one scanned."""
-        if not self.files:
-            return
-        step = max(1, len(self.files) // samples)
-        missing = [path for path in self.files[::step] if not os.path.isfile(path)]
+    def check_on_this_node(self) -> None:
+        """Raise `DataError` unless every file of this index is in this node's copy of the data.
+
+        One walk of the split folder (directory listings, no file reads): a copy that lacks
+        files, however few, is found now rather than by a decoder in the middle of an epoch.
+        Files this node has in addition are never read and do not matter.
+        """
+        here = set(scan_split(self.root.parent, self.split, classes=self.classes).files)
+        missing = [path for path in self.files if path not in here]
         if missing:
             named = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
             raise DataError(
-                f"{len(missing)} of {len(self.files[::step])} sampled {self.split} files are "
-                f"missing under {self.root} on this node ({named}): every node needs the same "
-                "copy of the data set (rank 0 scanned its own); copy it again or fix data.root"
+                f"{len(missing)} of the {len(self.files)} {self.split} files that rank 0 scanned "
+                f"are missing under {self.root} on this node ({named}): every node needs the "
+                "same copy of the data set; copy it again or fix data.root"
             )
 
     def without(self, drop: set[int]) -> SplitIndex:
