@@ -4,10 +4,11 @@ A plain ``python -m fastkd.train`` is a world of one and never touches torch.dis
 ``torchrun`` the usual environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...) select
 the process group: NCCL on GPUs, Gloo on CPUs.
 
-Setup steps where ranks wait for one another for long (rank 0 scanning a data set of millions of
-files while the others wait for its result) talk over a second process group of the same backend
-whose timeout is ``run.setup_timeout_min``, so a slow scan never trips NCCL's 10-minute timeout,
-which stays the watchdog of the training collectives.
+Setup steps, where ranks may wait for one another for long (rank 0 scanning a data set of millions
+of files, a rank downloading weights), talk over a second process group of the same backend whose
+timeout is ``run.setup_timeout_min``: `broadcast_from_main`, `agree_on`, `setup_barrier`,
+`ranks_agree` and `fail_together`. A slow setup step never trips NCCL's 10-minute timeout, which
+stays the watchdog of the training collectives.
 """
 
 from __future__ import annotations
@@ -166,7 +167,8 @@ def ranks_agree(values: list[float], device: torch.device) -> bool:
         return True
     mine = torch.tensor(values, dtype=torch.float64, device=device)
     extremes = torch.cat([mine, -mine])
-    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)  # max of each value, and minus its minimum
+    # max of each value, and minus its minimum; a setup step: the setup group's timeout
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=_setup_group)
     highest, lowest = extremes[: len(values)], -extremes[len(values) :]
     return bool(torch.equal(highest, lowest))
 
@@ -194,7 +196,7 @@ def fail_together(info: DistInfo, what: str) -> Iterator[None]:
         failure = exc
     flags = torch.zeros(info.world_size, dtype=torch.float32, device=info.device)
     flags[info.rank] = float(failure is not None)
-    dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+    dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=_setup_group)  # may wait for a slow rank
     failed = [rank for rank, flag in enumerate(flags.tolist()) if flag]
     if failure is not None:
         raise failure

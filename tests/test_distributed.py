@@ -295,6 +295,29 @@ def test_setup_waits_use_their_own_long_timeout(monkeypatch):
         assert "timeout" not in made["default"]  # the training collectives' own default
         assert made["setup"] == {"timeout": timedelta(minutes=90)}  # the default backend
         assert distributed._setup_group == "group"
+        # Every setup collective waits in that group, never in the training group.
+        groups = []
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+        monkeypatch.setattr(dist, "all_reduce", lambda t, op=None, group=None: groups.append(group))
+        monkeypatch.setattr(dist, "barrier", lambda group=None: groups.append(group))
+        monkeypatch.setattr(
+            dist, "broadcast_object_list", lambda box, src, group=None: groups.append(group)
+        )
+        monkeypatch.setattr(
+            dist,
+            "all_gather_object",
+            lambda out, obj, group=None: (
+                groups.append(group) or out.__setitem__(slice(None), [obj, obj])
+            ),
+        )
+        distributed.ranks_agree([1.0], info.device)
+        with distributed.fail_together(info, "a setup step"):
+            pass
+        distributed.setup_barrier(info)
+        distributed.broadcast_from_main("x", info)
+        distributed.agree_on({"steps": 3}, info, "the data")
+        assert groups == ["group"] * 5
     finally:
         monkeypatch.setattr(distributed, "_setup_group", None)
 
