@@ -193,34 +193,9 @@ def test_kd_objective_matches_the_formula(weights, dtype):
     assert_matches_direct(cfg, student, teacher, labels)
 
 
-def test_kd_each_weight_scales_its_own_term():
-    student, teacher, labels = make_logits()
-    want = direct("kd", LossConfig(kind="kd", tau=2.0, loss_weight=1.0), student, teacher, labels)
-    ce, kd = float(want["ce"]), float(want["kd"])  # kd at tau 2, loss_weight 1
-
-    def total(**weights) -> float:
-        return _total(LossConfig(kind="kd", **weights), student, teacher, labels)
-
-    # ce_weight: 0, 1, 2 add 0, 1, 2 hard-label CEs to the same distillation term.
-    by_ce_weight = [total(tau=2.0, loss_weight=1.0, ce_weight=w) for w in (0.0, 1.0, 2.0)]
-    assert by_ce_weight == pytest.approx([kd, ce + kd, 2 * ce + kd], rel=RTOL)
-    # loss_weight: 0 leaves the CE alone; 3 triples the distillation term.
-    by_loss_weight = [total(tau=2.0, loss_weight=w, ce_weight=1.0) for w in (0.0, 1.0, 3.0)]
-    assert by_loss_weight == pytest.approx([ce, ce + kd, ce + 3 * kd], rel=RTOL)
-    # tau: the distillation term is tau^2 * KL at that temperature (not the tau = 1 KL).
-    for tau in (1.0, 4.0):
-        at_tau = direct(
-            "kd", LossConfig(kind="kd", tau=tau, loss_weight=1.0), student, teacher, labels
-        )
-        assert total(tau=tau, loss_weight=1.0, ce_weight=0.0) == pytest.approx(
-            float(at_tau["kd"]), rel=RTOL
-        )
-    assert total(tau=4.0, loss_weight=1.0, ce_weight=0.0) != pytest.approx(kd, rel=1e-2)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kd_label_smoothing_applies_to_the_hard_label_term(dtype):
-    """Intended: total = ce_weight * CE_ls + loss_weight * tau^2 * KL (the KL term unchanged)."""
+    """total = ce_weight * CE_ls + loss_weight * tau^2 * KL (the KL term unchanged)."""
     student, teacher, labels = make_logits(dtype)
     cfg = LossConfig(kind="kd", tau=2.0, loss_weight=1.5, ce_weight=0.8, label_smoothing=0.2)
     _, terms, _ = run_objective(cfg, student, teacher, labels)
@@ -256,30 +231,39 @@ def test_wsld_objective_matches_the_formula(impl, capability, weights, dtype, pi
     assert_matches_direct(cfg, student, teacher, labels)
 
 
-@pytest.mark.parametrize(("impl", "capability"), WSLD_IMPLS)
-def test_wsld_each_weight_scales_its_own_term(impl, capability, pin_capability):
+@pytest.mark.parametrize(
+    ("kind", "impl", "capability"),
+    [pytest.param("kd", "auto", None, id="kd")]
+    + [pytest.param("wsld", *p.values, id=f"wsld-{p.id}", marks=p.marks) for p in WSLD_IMPLS],
+)
+def test_each_weight_scales_its_own_term(kind, impl, capability, pin_capability):
+    """ce_weight scales the hard-label CE, loss_weight the distillation term, tau changes it to
+    tau^2 times the term at that temperature; each alone, for kd and every wsld implementation."""
     pin_capability(capability)
     student, teacher, labels = make_logits()
-    base = LossConfig(kind="wsld", tau=2.0, loss_weight=1.0, ce_weight=1.0, impl=impl)
-    want = direct("wsld", base, student, teacher, labels)
-    ce, wsld = float(want["ce"]), float(want["wsld"])  # wsld at tau 2, loss_weight 1
-    assert 0.05 < float(want["wsld_weight"]) < 0.95  # neither weight extreme hides a factor
+    base = LossConfig(kind=kind, tau=2.0, loss_weight=1.0, ce_weight=1.0, impl=impl)
+    want = direct(kind, base, student, teacher, labels)
+    ce, distill = float(want["ce"]), float(want[kind])  # the term at tau 2, loss_weight 1
+    if kind == "wsld":
+        assert 0.05 < float(want["wsld_weight"]) < 0.95  # neither weight extreme hides a factor
 
     def total(**weights) -> float:
-        return _total(LossConfig(kind="wsld", impl=impl, **weights), student, teacher, labels)
+        return _total(LossConfig(kind=kind, impl=impl, **weights), student, teacher, labels)
 
+    # ce_weight: 0, 1, 2 add 0, 1, 2 hard-label CEs to the same distillation term.
     by_ce_weight = [total(tau=2.0, loss_weight=1.0, ce_weight=w) for w in (0.0, 1.0, 2.0)]
-    assert by_ce_weight == pytest.approx([wsld, ce + wsld, 2 * ce + wsld], rel=RTOL)
+    assert by_ce_weight == pytest.approx([distill, ce + distill, 2 * ce + distill], rel=RTOL)
+    # loss_weight: 0 leaves the CE alone; 2.5 scales the distillation term by 2.5.
     by_loss_weight = [total(tau=2.0, loss_weight=w, ce_weight=1.0) for w in (0.0, 1.0, 2.5)]
-    assert by_loss_weight == pytest.approx([ce, ce + wsld, ce + 2.5 * wsld], rel=RTOL)
+    assert by_loss_weight == pytest.approx([ce, ce + distill, ce + 2.5 * distill], rel=RTOL)
+    # tau: the distillation term at that temperature (tau^2-scaled), not the tau = 2 one.
     for tau in (1.0, 4.0):
-        at_tau = direct(
-            "wsld", LossConfig(kind="wsld", tau=tau, loss_weight=1.0), student, teacher, labels
-        )
+        at_tau = direct(kind, LossConfig(kind=kind, tau=tau, loss_weight=1.0), student,
+                        teacher, labels)  # fmt: skip
         assert total(tau=tau, loss_weight=1.0, ce_weight=0.0) == pytest.approx(
-            float(at_tau["wsld"]), rel=RTOL
+            float(at_tau[kind]), rel=RTOL
         )
-    assert total(tau=4.0, loss_weight=1.0, ce_weight=0.0) != pytest.approx(wsld, rel=1e-2)
+    assert total(tau=4.0, loss_weight=1.0, ce_weight=0.0) != pytest.approx(distill, rel=1e-2)
 
 
 @needs_fused
@@ -318,7 +302,7 @@ def test_wsld_impl_selects_the_implementation(impl):
 
 @pytest.mark.parametrize(("impl", "capability"), WSLD_IMPLS)
 def test_wsld_label_smoothing_applies_to_the_hard_label_term(impl, capability, pin_capability):
-    """Intended: total = ce_weight * CE_ls + WSLD, with WSLD's weights w_i still computed from
+    """total = ce_weight * CE_ls + WSLD, with WSLD's weights w_i still computed from
     the unsmoothed hard-label CEs of student and teacher (so ``wsld`` and ``wsld_weight`` do
     not change with label smoothing)."""
     pin_capability(capability)

@@ -17,8 +17,8 @@ the decoders. ``error`` raises one `DataError` naming the files; ``skip`` warns,
 and keeps training batches full.
 
 Under torchrun, `shared_split_indexes` scans and pre-scans once per run, on rank 0, and hands
-the result to every rank (which checks a sample of the files on its own node); the builders then
-take that ``index`` instead of scanning again.
+the result to every rank (one process on each other node checks that its copy holds every file);
+the builders then take that ``index`` instead of scanning again.
 """
 
 from __future__ import annotations
