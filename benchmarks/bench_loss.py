@@ -181,9 +181,14 @@ def bench_size(
 
     def terms_total(impl: str) -> torch.Tensor:
         terms = wsld_ce_loss(
-            student, teacher, labels, tau=tau, loss_weight=loss_weight, ce_weight=ce_weight,
+            student,
+            teacher,
+            labels,
+            tau=tau,
+            loss_weight=loss_weight,
+            ce_weight=ce_weight,
             impl=impl,
-        )  # fmt: skip
+        )
         return terms.total
 
     variants: dict[str, Callable[[], object]] = {

@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from common import format_table, run_cli, write_json  # noqa: E402
 
-from fastkd.data.folder import DataError  # noqa: E402
+from fastkd.errors import DataError  # noqa: E402
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 MARKER = ".bench_startup.json"
@@ -96,13 +96,23 @@ def make_tree(root: Path, classes: int, train_per_class: int, val_per_class: int
 def _config(tmp: Path, root: Path, run_dir: Path) -> Path:
     tree = {
         "run": {"dir": str(run_dir)},
-        "data": {"root": str(root), "image_size": 32, "val_resize": 36, "batch_size": 32,
-                 "workers": 2},
+        "data": {
+            "root": str(root),
+            "image_size": 32,
+            "val_resize": 36,
+            "batch_size": 32,
+            "workers": 2,
+        },
         "student": {"arch": "resnet18"},
         "loss": {"kind": "ce"},
-        "train": {"epochs": 1, "max_steps_per_epoch": 2, "compile": False, "device": "cpu",
-                  "log_every": 1},
-    }  # fmt: skip
+        "train": {
+            "epochs": 1,
+            "max_steps_per_epoch": 2,
+            "compile": False,
+            "device": "cpu",
+            "log_every": 1,
+        },
+    }
     path = tmp / "startup.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
@@ -124,19 +134,35 @@ def launch(root: Path, procs: int, timeout_s: float) -> dict[str, Any]:
         config = _config(tmp, root, tmp / "run")
         scans = tmp / "scans.log"
         probe = str(REPO / "tests" / "scan_probe")
-        env = {**os.environ, "FASTKD_TEST_SCAN_LOG": str(scans),
-               "PYTHONPATH": os.pathsep.join(filter(None, [probe, os.environ.get("PYTHONPATH")]))}  # fmt: skip
+        env = {
+            **os.environ,
+            "FASTKD_TEST_SCAN_LOG": str(scans),
+            "PYTHONPATH": os.pathsep.join(filter(None, [probe, os.environ.get("PYTHONPATH")])),
+        }
         if procs == 1:
             command = [sys.executable, "-m", "fastkd.train", "--config", str(config)]
         else:
             torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-            command = [torchrun, "--nproc_per_node", str(procs), "-m", "fastkd.train",
-                       "--config", str(config)]  # fmt: skip
+            command = [
+                torchrun,
+                "--nproc_per_node",
+                str(procs),
+                "-m",
+                "fastkd.train",
+                "--config",
+                str(config),
+            ]
         log_path = tmp / "log.txt"
         with open(log_path, "w") as log:
             launched = time.time()
-            proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                command,
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             first_step = None
             while first_step is None and proc.poll() is None:
                 if time.time() - launched > timeout_s:
@@ -152,8 +178,9 @@ def launch(root: Path, procs: int, timeout_s: float) -> dict[str, Any]:
                     proc.wait()
         output = log_path.read_text()
         if first_step is None:
-            raise RuntimeError(f"no first step within {timeout_s:.0f}s ({procs} processes):\n"
-                               f"{output[-3000:]}")  # fmt: skip
+            raise RuntimeError(
+                f"no first step within {timeout_s:.0f}s ({procs} processes):\n{output[-3000:]}"
+            )
         scan = _SCAN_LINE.search(output)
         scan_lines = scans.read_text().splitlines() if scans.is_file() else []
         return {
@@ -173,8 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--train-per-class", type=int, default=1281)
     parser.add_argument("--val-per-class", type=int, default=50)
-    parser.add_argument("--small-per-class", type=int, default=2,
-                        help="train files per class of the small tree (fixed cost); 0: none")  # fmt: skip
+    parser.add_argument(
+        "--small-per-class",
+        type=int,
+        default=2,
+        help="train files per class of the small tree (fixed cost); 0: none",
+    )
     parser.add_argument("--procs", default="1,2", help="comma-separated process counts")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per launch")
     parser.add_argument("--json", default=None)
@@ -205,9 +236,17 @@ def main(argv: list[str] | None = None) -> int:
         large["extrapolated_imagenet_s"] = small["launch_to_first_step_s"] + slope * (
             IMAGENET_TRAIN_IMAGES + 50_000 - small["files"]
         )
-    columns = ["tree", "files", "procs", "launch_to_first_step_s", "rank0_scan_s",
-               "scan_us_per_file", "processes_that_scanned", "us_per_file",
-               "extrapolated_imagenet_s"]  # fmt: skip
+    columns = [
+        "tree",
+        "files",
+        "procs",
+        "launch_to_first_step_s",
+        "rank0_scan_s",
+        "scan_us_per_file",
+        "processes_that_scanned",
+        "us_per_file",
+        "extrapolated_imagenet_s",
+    ]
     print(format_table(results, columns))
     write_json(args.json, "bench_startup", vars(args), results)
     return 0

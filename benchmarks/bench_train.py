@@ -40,12 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import format_table, run_cli, write_json  # noqa: E402
 
+from fastkd.builders import batch_dtype, build_models, build_train_state, seed_everything  # noqa: E402
 from fastkd.config import TrainConfig, from_dict  # noqa: E402
 from fastkd.distributed import DistInfo, resolve_device  # noqa: E402
 from fastkd.engine import count_step_flops, measure_peak_flops, resolve_precision, train_step  # noqa: E402
 from fastkd.logging import MetricsWriter  # noqa: E402
+from fastkd.meter import sync  # noqa: E402
+from fastkd.models import memory_format  # noqa: E402
 from fastkd.profiling import StepProfiler  # noqa: E402
-from fastkd.train import batch_dtype, build_models, build_train_state, seed_everything  # noqa: E402
 
 ALL_VARIANTS = [
     f"{c}/{a}/{m}"
@@ -108,11 +110,6 @@ def make_config(args: argparse.Namespace, variant: str, root: str = "/unused") -
     )
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bench_variant(
     args: argparse.Namespace, variant: str, device: torch.device, num_classes: int
 ) -> dict[str, Any]:
@@ -123,14 +120,19 @@ def bench_variant(
     models = build_models(cfg, num_classes, dist)
     with tempfile.TemporaryDirectory() as tmp:
         state = build_train_state(
-            cfg, models, dist=dist, precision=precision, steps_per_epoch=10_000,
+            cfg,
+            models,
+            dist=dist,
+            precision=precision,
+            steps_per_epoch=10_000,
             metrics=MetricsWriter(tmp, enabled=False),
-        )  # fmt: skip
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        )
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
     images = images.to(
-        device=device, dtype=batch_dtype(cfg, device, precision), memory_format=memory_format
+        device=device,
+        dtype=batch_dtype(cfg, device, precision),
+        memory_format=memory_format(cfg.train.channels_last),
     )
     labels = torch.randint(0, num_classes, (args.batch_size,), generator=generator).to(device)
 
@@ -198,15 +200,22 @@ def bench_end_to_end(
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     precision = resolve_precision(cfg.train.amp, device)
     loader = build_train_loader(
-        cfg.data, device=device, seed=0, dtype=batch_dtype(cfg, device, precision),
+        cfg.data,
+        device=device,
+        seed=0,
+        dtype=batch_dtype(cfg, device, precision),
         channels_last=cfg.train.channels_last,
-    )  # fmt: skip
+    )
     models = build_models(cfg, loader.num_classes, dist)
     with tempfile.TemporaryDirectory() as tmp:
         state = build_train_state(
-            cfg, models, dist=dist, precision=precision, steps_per_epoch=len(loader),
+            cfg,
+            models,
+            dist=dist,
+            precision=precision,
+            steps_per_epoch=len(loader),
             metrics=MetricsWriter(tmp, enabled=False),
-        )  # fmt: skip
+        )
     images_done, wait_s, timed_s, first_step_s = 0, 0.0, 0.0, None
     try:
         for epoch in range(args.e2e_epochs):
@@ -382,20 +391,31 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['variant']} failed: {row['error'][:300]}")
         if row.get("profile"):
             profile = row["profile"]
-            print(f"\n{row['variant']}: top operators over {profile['steps']} profiled steps "
-                  f"(full tables and trace in {profile['dir']})")  # fmt: skip
+            print(
+                f"\n{row['variant']}: top operators over {profile['steps']} profiled steps "
+                f"(full tables and trace in {profile['dir']})"
+            )
             print(
                 format_table(
                     profile["phases"], list(profile["phases"][0]) if profile["phases"] else []
                 )
             )
             time_key = "self_device_us" if device.type == "cuda" else "self_cpu_us"
-            print(format_table(
-                [{"name": op["name"][:70], "calls": op["calls"], "share": op["share"],
-                  "ms_per_step": op["self_us_per_step"] / 1e3, time_key: op[time_key]}
-                 for op in profile["top_ops"]],
-                ["name", "calls", "share", "ms_per_step", time_key],
-            ))  # fmt: skip
+            print(
+                format_table(
+                    [
+                        {
+                            "name": op["name"][:70],
+                            "calls": op["calls"],
+                            "share": op["share"],
+                            "ms_per_step": op["self_us_per_step"] / 1e3,
+                            time_key: op[time_key],
+                        }
+                        for op in profile["top_ops"]
+                    ],
+                    ["name", "calls", "share", "ms_per_step", time_key],
+                )
+            )
     return 1 if any("error" in row for row in results) else 0
 
 

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from fastkd.errors import UserError
+
 
 def git_commit() -> str:
     """The current commit of the checkout (with ``-dirty`` when it has changes), or ``unknown``."""
@@ -137,12 +139,10 @@ def run_cli(main: Callable[[], int | None]) -> NoReturn:
     """Run a benchmark's ``main`` and exit with its status; a problem the user can fix (a missing
     data root, a bad config value, unreadable weights) is one ``NAME: error: ...`` line and exit
     status 2, as in ``python -m fastkd.train``, instead of a traceback."""
-    from fastkd.train import user_errors
-
     name = Path(sys.argv[0]).name
     try:
         status = main()
-    except user_errors() as error:
+    except UserError as error:
         print(f"{name}: error: {error}", file=sys.stderr)
         sys.exit(2)
     sys.exit(status or 0)

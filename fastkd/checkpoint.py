@@ -13,14 +13,11 @@ from typing import Any
 
 import torch
 
+from fastkd.errors import CheckpointError
 from fastkd.models import load_failure, strip_wrapper_prefixes
 
 FORMAT = "fastkd-checkpoint"
 VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and what to do."""
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

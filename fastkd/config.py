@@ -33,9 +33,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A user-fixable problem in a config file or override; the message names the culprit."""
+from fastkd.errors import ConfigError
 
 
 def _doc(text: str, **kwargs: Any) -> Any:

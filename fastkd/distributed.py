@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fastkd.config import ConfigError
+from fastkd.errors import ConfigError, PeerSetupError
 
 
 @dataclass(frozen=True)
@@ -171,10 +171,6 @@ def ranks_agree(values: list[float], device: torch.device) -> bool:
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=_setup_group)
     highest, lowest = extremes[: len(values)], -extremes[len(values) :]
     return bool(torch.equal(highest, lowest))
-
-
-class PeerSetupError(RuntimeError):
-    """Another rank failed a setup step that this rank passed; this rank stops too."""
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ import contextlib
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastkd.config import ConfigError, LossConfig, OptimConfig, SchedConfig, TrainConfig
-from fastkd.distributed import DistInfo, all_reduce_sum
-from fastkd.logging import MetricsWriter, format_duration
+from fastkd.config import LossConfig, OptimConfig, SchedConfig, TrainConfig
+from fastkd.distributed import all_reduce_sum
+from fastkd.errors import ConfigError
+from fastkd.meter import TrainMeter, sync
 from fastkd.profiling import StepProfiler
 
 log = logging.getLogger("fastkd")
@@ -326,7 +326,7 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype | None) -> float
 
 @dataclass
 class TrainState:
-    """Everything a training epoch needs; built once by `fastkd.train`."""
+    """Everything a training epoch needs; built once per run by `fastkd.builders.build_train_state`."""
 
     student: nn.Module  # what the step calls: possibly DDP-wrapped and compiled
     teacher: nn.Module | None  # inference-only, possibly compiled; None for loss.kind=ce
@@ -336,24 +336,16 @@ class TrainState:
     scaler: torch.amp.GradScaler
     precision: Precision
     device: torch.device
-    dist: DistInfo
-    metrics: MetricsWriter
     cfg: TrainConfig
-    flops_per_image: float | None = None
-    peak_flops: float | None = None
+    meter: TrainMeter
     global_step: int = 0
-    data_bound_warned: bool = False
-    compile_time_s: float | None = None
     optimizer_name: str = ""
     profiler: StepProfiler | None = None  # train.profile, until its steps are recorded
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
+# The step's phases, in order: named in the profiler's trace and NVTX as ``fastkd/<phase>``.
 PHASES = ("teacher", "student_forward", "loss", "backward", "optimizer")
+TEACHER, STUDENT_FORWARD, LOSS, BACKWARD, OPTIMIZER = PHASES
 
 
 @contextlib.contextmanager
@@ -390,157 +382,58 @@ def train_step(
     with state.precision.autocast(device):
         teacher_logits = None
         if state.teacher is not None:
-            with phase("teacher"), torch.no_grad():
+            with phase(TEACHER), torch.no_grad():
                 teacher_logits = state.teacher(images)
-        with phase("student_forward"):
+        with phase(STUDENT_FORWARD):
             student_logits = state.student(images)
-        with phase("loss"):
+        with phase(LOSS):
             total, terms = state.objective(student_logits, teacher_logits, labels)
-    with phase("backward"):
+    with phase(BACKWARD):
         state.optimizer.zero_grad(set_to_none=True)
         state.scaler.scale(total).backward()
-    with phase("optimizer"):
+    with phase(OPTIMIZER):
         state.scaler.step(state.optimizer)
         state.scaler.update()
         state.scheduler.step()
     return terms, student_logits
 
 
-@dataclass
-class _Interval:
-    """The steps since the last log line (or the compile/profiled steps left out of img/s)."""
-
-    start: float
-    steps: int = 0
-    images: int = 0
-    wait_s: float = 0.0
-
-
 def _finish_profile(state: TrainState, epoch: int) -> None:
-    _sync(state.device)
+    """Stop recording and write the profile record: the trace and tables are on disk."""
+    sync(state.device)
     profiler, state.profiler = state.profiler, None
-    if profiler is not None and profiler.result is not None:
-        state.metrics.write("profile", epoch=epoch, **profiler.result)
+    assert profiler is not None
+    profiler.close()
+    if profiler.result is not None:
+        state.meter.metrics.write("profile", epoch=epoch, **profiler.result)
 
 
 def train_one_epoch(
     state: TrainState, loader: Iterable, epoch: int, epochs: int, steps: int
 ) -> dict[str, float]:
     """Run one epoch of at most ``steps`` steps; returns mean loss terms, train top-1 and img/s."""
-    cfg, device, dist = state.cfg, state.device, state.dist
     state.student.train()
-    term_sums: dict[str, torch.Tensor] = {}
-    correct = torch.zeros((), device=device, dtype=torch.float64)
-    steps_done = images_seen = 0
-    timed_images, timed_s = 0, 0.0  # throughput excludes the compile/warm-up step
-    epoch_start = time.perf_counter()
-    interval = _Interval(epoch_start)
-    iterator = iter(loader)
-    for step in range(steps):
-        wait_start = time.perf_counter()
-        try:
-            images, labels = next(iterator)
-        except StopIteration:
+    meter = state.meter
+    meter.start_epoch(epoch, epochs, steps)
+    batches = iter(loader)
+    for _ in range(steps):
+        with meter.waiting():
+            batch = next(batches, None)
+        if batch is None:  # the loader ended early
             break
-        interval.wait_s += time.perf_counter() - wait_start
-
+        images, labels = batch
         terms, student_logits = train_step(state, images, labels)
-        profiled = state.profiler is not None and state.profiler.step()
-
-        # Accumulate on the device: no host synchronization until the next log line.
-        for name, value in terms.items():
-            term_sums[name] = term_sums.get(name, 0) + value.float()
-        correct += (student_logits.detach().argmax(dim=1) == labels).sum()
-        steps_done += 1
         state.global_step += 1
-        images_seen += labels.shape[0]
-        interval.steps += 1
-        interval.images += labels.shape[0]
-
-        if state.compile_time_s is None:
-            # The run's first step compiles (torch.compile) and warms up: report it, never count it.
-            _sync(device)
-            state.compile_time_s = time.perf_counter() - epoch_start
-            state.metrics.write(
-                "compile", epoch=epoch, seconds=round(state.compile_time_s, 3), compiled=cfg.compile
-            )
-            log.info("first step (compile + warm-up) took %.1fs", state.compile_time_s)
-            interval = _Interval(time.perf_counter())
-            continue
+        # Profiled steps and the trace export run slower than training: out of images/sec.
+        profiled = state.profiler is not None and state.profiler.step()
         if profiled:
-            # The profiled steps and the trace export are slower than training: keep them out
-            # of images/sec, as the compile step is.
             _finish_profile(state, epoch)
-            interval = _Interval(time.perf_counter())
-            continue
-        if (step + 1) % cfg.log_every != 0 and step != steps - 1:
-            continue
-
-        means = {k: v / steps_done for k, v in term_sums.items()}
-        record = dict(
-            zip(
-                means,
-                torch.stack([v.reshape(()).double() for v in means.values()]).tolist(),
-                strict=True,
-            )
+        meter.update(
+            terms, student_logits, labels, global_step=state.global_step, excluded=profiled
         )
-        elapsed = max(1e-9, time.perf_counter() - interval.start)
-        timed_images, timed_s = timed_images + interval.images, timed_s + elapsed
-        img_per_s = interval.images * dist.world_size / elapsed
-        wait_frac = min(1.0, interval.wait_s / elapsed)
-        lr = state.optimizer.param_groups[0]["lr"]
-        extra = {}
-        if state.flops_per_image and state.peak_flops:
-            extra["mfu"] = img_per_s / dist.world_size * state.flops_per_image / state.peak_flops
-        if device.type == "cuda":  # the caching allocator's own counter: no device sync
-            extra["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        state.metrics.write(
-            "step", epoch=epoch, step=step + 1, global_step=state.global_step, lr=lr,
-            img_per_s=img_per_s, data_wait_frac=wait_frac, **record, **extra,
-        )  # fmt: skip
-        remaining_steps = (steps - step - 1) + (epochs - epoch) * steps
-        eta_s = remaining_steps * elapsed / max(1, interval.steps)
-        terms_text = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "loss")
-        mfu_text = f" mfu {extra['mfu']:.1%}" if "mfu" in extra else ""
-        if "max_mem_gib" in extra:
-            mfu_text += f" mem {extra['max_mem_gib']:.1f} GiB"
-        log.info(
-            "epoch %d/%d step %d/%d loss %.4f (%s) lr %.4g | %.0f img/s data-wait %.0f%%%s | ETA %s",
-            epoch, epochs, step + 1, steps, record["loss"], terms_text, lr, img_per_s, 100 * wait_frac,
-            mfu_text, format_duration(eta_s),
-        )  # fmt: skip
-        if wait_frac > 0.3 and not state.data_bound_warned:
-            state.data_bound_warned = True
-            warnings.warn(
-                f"training is data-bound: {wait_frac:.0%} of step time is spent waiting for batches; "
-                "raise data.workers, use data.backend=dali (GPU decode) or put the data on faster storage",
-                stacklevel=2,
-            )
-        interval = _Interval(time.perf_counter())
-
-    _sync(device)
-    if state.profiler is not None:  # the epoch ended first: write what was recorded
-        state.profiler.close()
+    if state.profiler is not None:  # the epoch ended before the profiled steps did
         _finish_profile(state, epoch)
-    epoch_s = time.perf_counter() - epoch_start
-    if interval.images:  # steps after the last log line (the loader ended early)
-        timed_images, timed_s = (
-            timed_images + interval.images,
-            timed_s + time.perf_counter() - interval.start,
-        )
-    if timed_s <= 0:  # a one-step epoch: only the warm-up step exists, report it as it is
-        timed_images, timed_s = images_seen, epoch_s
-    names = list(term_sums)
-    totals = torch.zeros(len(names) + 3, dtype=torch.float64, device=device)
-    for i, name in enumerate(names):
-        totals[i] = term_sums[name].double()
-    totals[-3], totals[-2], totals[-1] = correct, float(images_seen), float(steps_done)
-    values = all_reduce_sum(totals).tolist()
-    result = {name: values[i] / max(1.0, values[-1]) for i, name in enumerate(names)}
-    result["train_top1"] = values[-3] / max(1.0, values[-2])
-    result["img_per_s"] = timed_images * dist.world_size / max(1e-9, timed_s)
-    result["epoch_time_s"] = epoch_s
-    return result
+    return meter.end_epoch()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,31 +13,34 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fastkd.config import Config, load_config
+from fastkd.data import LoaderSpec, build_loader, prepare_data_root, shared_split_indexes
 from fastkd.distributed import cleanup, fail_together, init_distributed
 from fastkd.engine import evaluate, resolve_precision
+from fastkd.errors import ModelError, UserError
 from fastkd.logging import setup_console
-from fastkd.models import ModelError, create_model, load_weights
-from fastkd.train import user_errors
+from fastkd.models import create_model, load_weights, memory_format
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     """Load ``checkpoint`` into ``cfg.student.arch`` and evaluate it on the validation split."""
-    from fastkd.data import build_val_loader, shared_split_indexes
-
     dist = init_distributed(cfg.train.device, cfg.run.setup_timeout_min)
     setup_console(dist.is_main)
     device = dist.device
     precision = resolve_precision(cfg.train.amp, device)
+    spec = LoaderSpec(
+        cfg.data,
+        "val",
+        device=device,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        channels_last=cfg.train.channels_last,
+    )
+    prepare_data_root(cfg.data, dist)
     # Under torchrun, a path missing on one node stops every rank (not only that one).
     (index,) = shared_split_indexes(cfg.data, dist, ("val",)).values()
     with fail_together(dist, "loading the validation data and the checkpoint"):
-        loader = build_val_loader(
-            cfg.data, device=device, rank=dist.rank, world_size=dist.world_size,
-            dtype=torch.float32, channels_last=cfg.train.channels_last, index=index,
-        )  # fmt: skip
+        loader = build_loader(index, spec)
         if not (str(checkpoint).startswith("torchvision:") or Path(checkpoint).is_file()):
             raise ModelError(
                 f"--checkpoint {checkpoint}: no such file; pass a run's student.pt, last.pt or "
@@ -51,8 +54,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
             num_classes=loader.num_classes,
             role="student",
         )
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model = model.to(device=device, memory_format=memory_format)
+    model = model.to(device=device, memory_format=memory_format(cfg.train.channels_last))
     try:
         result = evaluate(model, loader, precision, device)
     finally:
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = evaluate_checkpoint(cfg, args.checkpoint)
-    except user_errors() as exc:
+    except UserError as exc:
         print(f"fastkd: error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -17,19 +17,22 @@ import torch
 import torchvision
 from torch import nn
 
+from fastkd.errors import ModelError
+
 log = logging.getLogger("fastkd")
 
 # Prefixes that wrappers add to parameter names: DDP ("module.") and torch.compile ("_orig_mod.").
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-class ModelError(ValueError):
-    """A user-fixable problem with an architecture name or a weights file; names the culprit."""
-
-
 def classification_archs() -> list[str]:
     """Names of torchvision's image-classification architectures."""
     return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The memory format models and batches use per ``train.channels_last``."""
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def create_model(arch: str, num_classes: int) -> nn.Module:

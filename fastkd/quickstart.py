@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastkd.config import Config, ConfigError, load_config
-from fastkd.train import run, user_errors
+from fastkd.config import Config, load_config
+from fastkd.errors import ConfigError, UserError
+from fastkd.trainer import run
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 STAGES = (
@@ -116,13 +117,19 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="data.root for all stages (default: the configs' data/synthetic)",
     )
-    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                        help="override applied to every stage (repeatable), e.g. --set train.epochs=1")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override applied to every stage (repeatable), e.g. --set train.epochs=1",
+    )
     args = parser.parse_args(argv)
     runs_dir = Path(args.runs)
     try:
         summaries = run_stages(runs_dir, args.data, args.extra)
-    except user_errors() as exc:
+    except UserError as exc:
         print(f"fastkd: error: {exc}", file=sys.stderr)
         return 2
     report = format_report(summaries)

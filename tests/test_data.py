@@ -16,8 +16,8 @@ import torch
 import torchvision
 from PIL import Image
 
-import fastkd.data as data
-from fastkd.data import DataError, build_train_loader, build_val_loader
+import fastkd.data.build as data_build
+from fastkd.data import DataError, Loader, build_train_loader, build_val_loader
 from fastkd.data.folder import find_bad_images, probe_image, scan_imagefolder
 from fastkd.data.sharding import ShardPlan
 
@@ -727,7 +727,7 @@ def test_dali_crop_window_follows_the_random_resized_crop_rule(tmp_path):
 def test_fallback_to_torch_warns_once_when_dali_is_missing(make_data_config, monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # "import nvidia.dali" now fails
     monkeypatch.delitem(sys.modules, "fastkd.data.dali", raising=False)
-    monkeypatch.setattr(data, "_warned_no_dali", False)
+    monkeypatch.setattr(data_build, "_warned_no_dali", False)
     cfg = make_data_config(backend="dali")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -761,7 +761,7 @@ def test_a_dropped_loader_is_freed_at_once(make_data_config, backend):
 
 def test_loaders_follow_the_protocol(make_data_config):
     loader = build_val_loader(make_data_config(backend="torch"), device=CPU)
-    assert isinstance(loader, data.Loader)
+    assert isinstance(loader, Loader)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,10 +55,10 @@ def test_quickstart_runs_three_stages_and_reuses_them(tmp_path, capsys):
 
 
 def _teacher_top1_as_a_wsld_stage_measures_it(tmp_path) -> float:
+    from fastkd.builders import batch_dtype, build_teacher
     from fastkd.data import build_val_loader
     from fastkd.engine import evaluate, resolve_precision
     from fastkd.quickstart import CONFIGS
-    from fastkd.train import batch_dtype, build_teacher
 
     teacher_file = tmp_path / "runs" / "teacher" / "student.pt"
     cfg = load_config(

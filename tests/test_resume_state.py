@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 
-import fastkd.train as train_module
+import fastkd.trainer as train_module
 from fastkd import checkpoint as ckpt_io
 from fastkd.config import Config, from_dict
 from fastkd.logging import read_metrics

@@ -2,7 +2,7 @@
 
 One harness, two detectors. On the CPU nothing really synchronizes, so every way Python reads a
 tensor's value (``item``, ``tolist``, ``bool``/``float``/``int``, ``numpy``) and
-``engine._sync`` are counted. On CUDA (``gpu``-marked, run by benchmarks/gpu_check.sh) CUDA's own
+``fastkd.meter.sync`` (wherever it is called from) are counted. On CUDA (``gpu``-marked, run by benchmarks/gpu_check.sh) CUDA's own
 sync debug mode reports every synchronizing call, including those inside PyTorch (optimizer, grad
 scaler). Each read is tagged with the step the loop is on.
 
@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastkd import engine
+from fastkd import engine, meter
+from fastkd.builders import build_models, build_train_state
 from fastkd.config import from_dict
 from fastkd.distributed import DistInfo
 from fastkd.engine import Precision, resolve_precision
 from fastkd.logging import MetricsWriter
-from fastkd.train import build_models, build_train_state
 
 STEPS, LOG_EVERY, CLASSES = 11, 4, 4
 # Step 1 is the compile/warm-up step, timed with one sync; log lines at steps 4 and 8 and at the
@@ -67,7 +67,7 @@ def epoch_reads(
     state = build_train_state(
         cfg, models, dist=dist, precision=precision, steps_per_epoch=STEPS,
         metrics=MetricsWriter(tmp_path, enabled=False),
-    )  # fmt: skip
+    )
     assert state.scaler.is_enabled() == precision.use_scaler
     gen = torch.Generator().manual_seed(0)
     batches = [
@@ -91,7 +91,7 @@ def epoch_reads(
 
 @contextlib.contextmanager
 def python_reads(record: Callable[[str], None]) -> Iterator[None]:
-    """Counts Python-level reads of tensor values and engine._sync (the CPU detector)."""
+    """Counts Python-level reads of tensor values and device syncs (the CPU detector)."""
     with pytest.MonkeyPatch.context() as patch:
 
         def counting(name: str, original: Callable) -> Callable:
@@ -103,7 +103,8 @@ def python_reads(record: Callable[[str], None]) -> Iterator[None]:
 
         for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
             patch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
-        patch.setattr(engine, "_sync", counting("_sync", engine._sync))
+        for module in (engine, meter):  # every module that calls it by its own name
+            patch.setattr(module, "sync", counting("sync", meter.sync))
         yield
 
 

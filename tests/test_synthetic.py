@@ -13,10 +13,13 @@ import pytest
 from PIL import Image
 
 from fastkd.config import SyntheticConfig, from_dict
-from fastkd.data import DataError, ensure_dataset, make_synthetic_imagefolder, synthetic
+from fastkd.data import DataError, synthetic
+from fastkd.data.folder import scan_imagefolder
 from fastkd.data.synthetic import (
     MARKER_NAME,
     class_specs,
+    make_synthetic_imagefolder,
+    prepare_synthetic,
     read_marker,
     render_image,
 )
@@ -24,6 +27,12 @@ from fastkd.data.synthetic import (
 SMALL = SyntheticConfig(
     enabled=True, num_classes=3, train_per_class=2, val_per_class=1, image_size=32, seed=5
 )
+
+
+def prepared_and_scanned(cfg):
+    """What a run does with its data section: generate when asked, then scan both splits."""
+    prepare_synthetic(cfg)
+    return scan_imagefolder(cfg.root)
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -47,7 +56,7 @@ def test_same_fields_give_identical_bytes_and_other_seeds_do_not(tmp_path):
 
 def test_layout_sizes_and_marker(tmp_path):
     root = make_synthetic_imagefolder(tmp_path / "set", SMALL)
-    index = ensure_dataset(
+    index = prepared_and_scanned(
         from_dict({"data": {"root": str(root), "synthetic": dataclasses.asdict(SMALL)}}).data
     )
     assert index.num_classes == 3 and len(index.train) == 6 and len(index.val) == 3
@@ -84,20 +93,20 @@ def test_user_data_is_never_overwritten(tmp_path):
         pytest.warns(UserWarning, match="did not generate"),
         pytest.raises(DataError, match="holds no images"),
     ):
-        ensure_dataset(cfg)  # used as is (and found incomplete), not replaced
+        prepared_and_scanned(cfg)  # used as is (and found incomplete), not replaced
     assert (root / "train" / "cat" / "keep.txt").read_text() == "precious"
 
 
-def test_ensure_dataset_generates_into_a_missing_or_empty_folder(tmp_path):
+def test_prepare_synthetic_generates_into_a_missing_or_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     for name in ("missing", "empty"):
         fields = dataclasses.asdict(SMALL)
         cfg = from_dict({"data": {"root": str(tmp_path / name), "synthetic": fields}}).data
-        index = ensure_dataset(cfg)
+        index = prepared_and_scanned(cfg)
         assert index.num_classes == 3 and read_marker(tmp_path / name) is not None
     disabled = from_dict({"data": {"root": str(tmp_path / "other")}}).data
     with pytest.raises(DataError, match="does not exist"):
-        ensure_dataset(disabled)
+        prepared_and_scanned(disabled)
 
 
 def test_a_rank_that_loses_the_race_keeps_the_winners_set(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import yaml
 
 from fastkd import checkpoint as ckpt_io
 from fastkd import engine
+from fastkd.builders import build_models, build_train_state
 from fastkd.config import ConfigError, load_config
 from fastkd.distributed import DistInfo
 from fastkd.engine import evaluate, resolve_precision, train_step
@@ -22,7 +23,7 @@ from fastkd.eval import evaluate_checkpoint
 from fastkd.eval import main as eval_main
 from fastkd.logging import MetricsWriter, read_metrics
 from fastkd.models import ModelError
-from fastkd.train import build_models, build_train_state, run
+from fastkd.trainer import run
 
 REPO = Path(__file__).resolve().parent.parent
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -452,7 +453,7 @@ def test_srun_without_torchrun_starts_nothing(tiny_imagefolder, tmp_path, monkey
 def test_start_log_says_global_batch_lr_per_256_and_the_loss_implementation(
     tiny_imagefolder, tmp_path, caplog
 ):
-    from fastkd.train import log_recipe
+    from fastkd.trainer import log_recipe
 
     cfg = load_config(write_config(tmp_path, tiny_imagefolder, loss={"kind": "wsld"}))
     four = DistInfo(rank=0, world_size=4, local_rank=0, device=torch.device("cpu"))
@@ -473,7 +474,7 @@ def test_a_gpu_build_without_the_cuda_kernel_warns_or_refuses(
     tiny_imagefolder, tmp_path, monkeypatch
 ):
     from fastkd.losses import ops
-    from fastkd.train import log_recipe
+    from fastkd.trainer import log_recipe
 
     monkeypatch.setattr(ops, "_FUSED_DEVICE_TYPES", frozenset({"cpu"}))  # a CPU-only build
     gpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))

@@ -1,7 +1,7 @@
 """The DALI backend: JPEG decoding and augmentation in DALI pipelines, on the GPU or the CPU.
 
 Training: ``decoders.image_slice`` decodes only the RandomResizedCrop window (area
-`data.crop_area`, 0.08-1 by default; aspect 3/4-4/3, up to 10 attempts, then torchvision's
+``data.crop_area``, 0.08-1 by default; aspect 3/4-4/3, up to 10 attempts, then torchvision's
 centre-crop fallback) with nvJPEG / the A100+ hardware decoder (``device="mixed"``) or
 libjpeg-turbo on the CPU; then a bilinear antialiased resize to ``image_size`` and one
 ``crop_mirror_normalize`` that flips, normalizes and writes ``float32``/``float16``. With
@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import nvidia.dali.fn as fn
@@ -54,13 +54,14 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from PIL import Image
 
 from fastkd.data.folder import (
-    DataError,
     SplitIndex,
     bad_image_error,
     bad_image_message,
     warn_skipped,
 )
-from fastkd.data.sharding import ShardPlan, sample_uniforms
+from fastkd.data.sharding import sample_uniforms
+from fastkd.data.spec import LoaderSpec, PlannedLoader
+from fastkd.errors import DataError
 
 # nvJPEG memory padding and hardware-decoder preallocation sized for the largest ImageNet image,
 # the values NVIDIA's ResNet-50 example uses: no reallocation stalls once training runs.
@@ -351,115 +352,75 @@ def _gpu_decoder_args(train: bool, hw_decoder_load: float, preallocate: bool) ->
     return args
 
 
-class DaliLoader:
+def _log_decoder_buffers(workers: int) -> None:
+    gpu_bytes, pinned_bytes = decoder_padding_bytes(workers)
+    logging.getLogger("fastkd").info(
+        "DALI GPU decoder buffers: %.1f GiB of GPU and %.1f GiB of pinned host memory "
+        "(%d threads; data.dali_preallocate=false drops them)",
+        gpu_bytes / 2**30,
+        pinned_bytes / 2**30,
+        max(1, workers),
+    )
+
+
+class DaliLoader(PlannedLoader):
     """Batches ``(images, labels)`` of one split for one rank from a DALI pipeline.
 
-    See `fastkd.data.build_train_loader` for the protocol every loader follows. ``builds``
-    counts pipeline constructions: one per run unless a pass is broken off or a bad image is met.
+    See `fastkd.data.spec.Loader` for the protocol every loader follows. Decoding runs on the
+    GPU ("mixed") when ``data.dali_device`` is gpu, or auto with a CUDA device; else on the CPU.
+    ``builds`` counts pipeline constructions: one per run unless a pass is broken off or a bad
+    image is met.
     """
 
-    def __init__(
-        self,
-        index: SplitIndex,
-        *,
-        train: bool,
-        image_size: int,
-        val_resize: int,
-        batch_size: int,
-        workers: int,
-        prefetch: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        on_bad_image: Literal["error", "skip"],
-        device: torch.device,
-        use_gpu: bool,
-        crop_area: tuple[float, float] = (0.08, 1.0),
-        hw_decoder_load: float = 0.65,
-        preallocate: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        dtype: torch.dtype = torch.float32,
-        channels_last: bool = True,
-        max_batches: int = 0,
-    ) -> None:
-        if dtype not in (torch.float32, torch.float16):
-            raise ValueError(f"DALI batches can be float32 or float16, not {dtype}")
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        if use_gpu and device.type != "cuda":
+    def __init__(self, index: SplitIndex, spec: LoaderSpec) -> None:
+        super().__init__(index, spec)
+        data = spec.data
+        use_gpu = data.dali_device == "gpu" or (
+            data.dali_device == "auto" and self.device.type == "cuda"
+        )
+        if use_gpu and self.device.type != "cuda":
             raise DataError(
-                f"data.dali_device=gpu needs a CUDA device, but the batches go to {device}: "
+                f"data.dali_device=gpu needs a CUDA device, but the batches go to {self.device}: "
                 "set data.dali_device=auto or cpu"
             )
-        self.index = index
-        self.classes = list(index.classes)
-        self.num_classes = len(index.classes)
-        self.device = device
-        self.dtype = dtype
-        self.batch_size = batch_size
-        self.train = train
-        self.channels_last = channels_last
-        self.epoch = 0
         self.backend = "dali-gpu" if use_gpu else "dali-cpu"
-        self.on_bad_image = on_bad_image
-        self.plan = ShardPlan(
-            len(index),
-            train=train,
-            batch_size=batch_size,
-            rank=rank,
-            world_size=world_size,
-            seed=seed,
-            max_batches=max_batches,
-        )
-        self.num_samples = self.plan.num_samples
+        self.channels_last = spec.channels_last
+        self.on_bad_image = data.on_bad_image
         self.builds = 0
-        self._crop_area = (float(crop_area[0]), float(crop_area[1])) if train else None
+        self._crop_area = (float(data.crop_area[0]), float(data.crop_area[1]))
         self._excluded: set[int] = set()
         self._pipe: Any = None
         self._iterator: DALIGenericIterator | None = None
         self._source: _PlanSource | None = None
         self._pass_open = False
         self._source_offset = 0
+        decoder_args = {}
+        if use_gpu:
+            decoder_args = _gpu_decoder_args(
+                self.train, data.hw_decoder_load, data.dali_preallocate
+            )
         self._pipeline_kwargs: dict[str, Any] = dict(
             decoder_device="mixed" if use_gpu else "cpu",
-            decoder_args=_gpu_decoder_args(train, hw_decoder_load, preallocate) if use_gpu else {},
-            image_size=image_size,
-            mean=[float(v) for v in mean],
-            std=[float(v) for v in std],
-            out_dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT,
-            layout="HWC" if channels_last else "CHW",
+            decoder_args=decoder_args,
+            image_size=data.image_size,
+            mean=[float(v) for v in data.mean],
+            std=[float(v) for v in data.std],
+            out_dtype=types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT,
+            layout="HWC" if spec.channels_last else "CHW",
         )
-        if not train:
-            self._pipeline_kwargs["val_resize"] = val_resize
-        if use_gpu and train and preallocate:
-            gpu_bytes, pinned_bytes = decoder_padding_bytes(workers)
-            logging.getLogger("fastkd").info(
-                "DALI GPU decoder buffers: %.1f GiB of GPU and %.1f GiB of pinned host memory "
-                "(%d threads; data.dali_preallocate=false drops them)",
-                gpu_bytes / 2**30, pinned_bytes / 2**30, max(1, workers),
-            )  # fmt: skip
+        if not self.train:
+            self._pipeline_kwargs["val_resize"] = data.val_resize
+        if use_gpu and self.train and data.dali_preallocate:
+            _log_decoder_buffers(data.workers)
         self._runtime_kwargs: dict[str, Any] = dict(
-            batch_size=batch_size,
-            num_threads=max(1, workers),
-            device_id=device.index if use_gpu else None,
-            prefetch_queue_depth=prefetch,
+            batch_size=self.batch_size,
+            num_threads=max(1, data.workers),
+            device_id=self.device.index if use_gpu else None,
+            prefetch_queue_depth=data.prefetch,
             # Augmentation draws come from the plan's sample seeds (external_source); this only
             # fixes the seed of anything random DALI might add, never the training crops.
-            seed=seed,
+            seed=self.plan.seed,
         )
-
-    def __len__(self) -> int:
-        return self.plan.num_batches
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order (and augmentation) the next pass uses."""
-        self.epoch = epoch
-
-    def shard_indices(self) -> np.ndarray:
-        """Positions in ``index.files`` this rank reads in the current epoch, in order."""
-        return self.plan.indices(self.epoch)
 
     # -- pipeline lifetime ---------------------------------------------------------------------
 
@@ -472,7 +433,8 @@ class DaliLoader:
         """(Re)create the pipeline and its iterator; the previous ones are released first."""
         self._release()
         self.builds += 1
-        self._source = _PlanSource(self.index.files, self.index.labels, self._crop_area)
+        crop_area = self._crop_area if self.train else None
+        self._source = _PlanSource(self.index.files, self.index.labels, crop_area)
         self._pipe = self._make_pipeline(self._source)
         self._iterator = DALIGenericIterator(
             self._pipe, ["images", "labels"], auto_reset=False, prepare_first_batch=False

@@ -27,6 +27,8 @@ from typing import Literal
 
 from PIL import Image
 
+from fastkd.errors import DataError
+
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 """File name endings that count as images (compared case-insensitively)."""
 
@@ -34,10 +36,6 @@ SPLITS: tuple[str, ...] = ("train", "val")
 
 # How many offending files an error or warning lists by name before it just counts the rest.
 _MAX_NAMED = 10
-
-
-class DataError(ValueError):
-    """A user-fixable problem with the data (paths, layout, files); the message says what to do."""
 
 
 @dataclass(frozen=True)

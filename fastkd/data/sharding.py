@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastkd.data.folder import DataError
+from fastkd.errors import DataError
 
 
 def train_steps(num_samples: int, *, batch_size: int, world_size: int) -> int:

@@ -43,7 +43,8 @@ import numpy as np
 from PIL import Image
 
 from fastkd.config import DataConfig, SyntheticConfig
-from fastkd.data.folder import DataError, ImageFolderIndex, scan_imagefolder
+from fastkd.data.folder import scan_imagefolder
+from fastkd.errors import DataError
 
 MARKER_NAME = ".fastkd_synthetic.json"
 # Bump when the rendering changes: a set written by another version must not pass for this one.
@@ -399,19 +400,6 @@ def prepare_synthetic(cfg: DataConfig) -> None:
         )
         return
     make_synthetic_imagefolder(root, cfg.synthetic)
-
-
-def ensure_dataset(cfg: DataConfig) -> ImageFolderIndex:
-    """Make sure ``cfg.root`` holds a valid ImageFolder (generating the synthetic set if asked).
-
-    Returns the scan of both splits; layout problems raise `DataError`. For a generated set the
-    number of class folders must also equal ``cfg.synthetic.num_classes``.
-    """
-    prepare_synthetic(cfg)
-    expected = None
-    if cfg.synthetic.enabled and read_marker(Path(cfg.root).expanduser()) is not None:
-        expected = cfg.synthetic.num_classes
-    return scan_imagefolder(cfg.root, num_classes=expected)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,8 +29,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from fastkd.data.folder import DataError, SplitIndex, bad_image_error, bad_image_message
+from fastkd.data.folder import SplitIndex, bad_image_error, bad_image_message
 from fastkd.data.sharding import ShardPlan
+from fastkd.data.spec import LoaderSpec, PlannedLoader
+from fastkd.errors import DataError
 
 # A run of this many undecodable files in a row under on_bad_image=skip means something else is
 # wrong (a whole folder unreadable), so stop instead of skipping on forever.
@@ -165,96 +167,50 @@ def _unwrap_worker_error(exc: DataError) -> str:
     return text.rstrip().rsplit("DataError: ", 1)[-1]
 
 
-class TorchLoader:
+class TorchLoader(PlannedLoader):
     """Batches ``(images, labels)`` of one split for one rank from a torchvision DataLoader.
 
-    See `fastkd.data.build_train_loader` for the protocol every loader follows.
+    See `fastkd.data.spec.Loader` for the protocol every loader follows.
     """
 
     backend = "torch"
 
-    def __init__(
-        self,
-        index: SplitIndex,
-        *,
-        train: bool,
-        image_size: int,
-        val_resize: int,
-        batch_size: int,
-        workers: int,
-        prefetch: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        on_bad_image: Literal["error", "skip"],
-        device: torch.device,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        dtype: torch.dtype = torch.float32,
-        crop_area: tuple[float, float] = (0.08, 1.0),
-        channels_last: bool = True,
-        max_batches: int = 0,
-    ) -> None:
-        self.index = index
-        self.classes = list(index.classes)
-        self.num_classes = len(index.classes)
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.batch_size = batch_size
-        self.train = train
-        self.channels_last = channels_last
-        self.plan = ShardPlan(
-            len(index),
-            train=train,
-            batch_size=batch_size,
-            rank=rank,
-            world_size=world_size,
-            seed=seed,
-            max_batches=max_batches,
-        )
-        self.num_samples = self.plan.num_samples
-        transform = (
-            train_transform(image_size, crop_area)
-            if train
-            else val_transform(image_size, val_resize)
-        )
+    def __init__(self, index: SplitIndex, spec: LoaderSpec) -> None:
+        super().__init__(index, spec)
+        data = spec.data
+        self._memory_format = spec.memory_format
+        if self.train:
+            transform = train_transform(data.image_size, (data.crop_area[0], data.crop_area[1]))
+        else:
+            transform = val_transform(data.image_size, data.val_resize)
         dataset = ImageFileDataset(
-            index.files, index.labels, transform, train=train, on_bad_image=on_bad_image
+            index.files, index.labels, transform, train=self.train, on_bad_image=data.on_bad_image
         )
-        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._mean = torch.tensor(data.mean, dtype=torch.float32, device=self.device).view(
+            1, 3, 1, 1
+        )
+        self._std = torch.tensor(data.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._sampler = _PlanSampler(self.plan)
         self._dataloader = DataLoader(
             dataset,
-            batch_size=batch_size,
+            batch_size=self.batch_size,
             sampler=self._sampler,
-            drop_last=train,  # the plan already holds whole batches; this only states the intent
-            num_workers=workers,
+            drop_last=self.train,  # the plan already holds whole batches; this states the intent
+            num_workers=data.workers,
             collate_fn=collate_skipping_missing,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=workers > 0,
-            prefetch_factor=prefetch if workers > 0 else None,
+            persistent_workers=data.workers > 0,
+            prefetch_factor=data.prefetch if data.workers > 0 else None,
             # The DataLoader draws its workers' base seed from this generator; without one it
             # would draw from the global generator and shift the trainer's random stream at
             # every pass. (Augmentation does not use that seed: see _PlanSampler.)
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator().manual_seed(self.plan.seed),
         )
-
-    def __len__(self) -> int:
-        return self.plan.num_batches
-
-    @property
-    def epoch(self) -> int:
-        """The epoch whose order (and augmentation seeds) the next pass uses."""
-        return self._sampler.epoch
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order (and augmentation seeds) the next pass uses."""
-        self._sampler.epoch = epoch
-
-    def shard_indices(self) -> np.ndarray:
-        """Positions in ``index.files`` this rank reads in the current epoch, in order."""
-        return self.plan.indices(self.epoch)
+        super().set_epoch(epoch)
+        self._sampler.epoch = epoch  # the sampler must not refer back to the loader
 
     def _to_device(
         self, images: torch.Tensor, labels: torch.Tensor
@@ -263,8 +219,7 @@ class TorchLoader:
         # the conversion and normalization below keep that memory format; an NCHW run gets its
         # contiguous copy in the same pass as the conversion to float.
         images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        images = images.to(torch.float32, memory_format=memory_format)
+        images = images.to(torch.float32, memory_format=self._memory_format)
         images = images.sub_(self._mean).div_(self._std)
         if self.dtype != torch.float32:
             images = images.to(self.dtype)

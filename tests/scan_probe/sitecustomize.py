@@ -8,7 +8,7 @@ and per bad-image pre-scan (``RANK prescan FILES``).
 import os
 
 if os.environ.get("FASTKD_TEST_SCAN_LOG"):
-    import fastkd.data
+    import fastkd.data.build as build
     import fastkd.data.folder as folder
 
     def _record(line: str) -> None:
@@ -25,6 +25,6 @@ if os.environ.get("FASTKD_TEST_SCAN_LOG"):
         _record(f"prescan {len(files)}")
         return _find_bad_images(files, **kwargs)
 
-    # Both the package's names and the module's own, which its functions call.
-    fastkd.data.scan_split = folder.scan_split = _recorded_scan_split
+    # The name the scanning step calls, and the module's own (its functions call it too).
+    build.scan_split = folder.scan_split = _recorded_scan_split
     folder.find_bad_images = _recorded_find_bad_images

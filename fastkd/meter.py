@@ -1,0 +1,216 @@
+"""The training loop's meter: loss terms, train top-1, images/sec, data wait, MFU, memory, ETA.
+
+`TrainMeter` is what the epoch loop calls once per step (`TrainMeter.update`). It accumulates the
+loss terms and the correct predictions in device tensors and reads them back (one host
+synchronization) only at log intervals, every ``train.log_every`` steps. Throughput counts only
+steady-state steps: the run's first step (compilation and warm-up) is reported apart and the
+steps ``train.profile`` records are left out. Each interval writes a ``step`` record to
+metrics.jsonl and a progress line with an ETA; `TrainMeter.end_epoch` reduces the epoch's sums
+across ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fastkd.distributed import DistInfo, all_reduce_sum
+from fastkd.logging import MetricsWriter, format_duration
+
+log = logging.getLogger("fastkd")
+
+# Above this share of step time spent waiting for batches, a run is data-bound: warn once.
+_DATA_BOUND_WAIT_FRAC = 0.3
+
+
+def sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class _Interval:
+    """The steps since the last log line (or since a step left out of images/sec)."""
+
+    start: float
+    steps: int = 0
+    images: int = 0
+    wait_s: float = 0.0
+
+
+class TrainMeter:
+    """Meters the training loop; one per run (it remembers the compile step across epochs)."""
+
+    def __init__(
+        self,
+        metrics: MetricsWriter,
+        *,
+        optimizer: torch.optim.Optimizer,
+        dist: DistInfo,
+        log_every: int,
+        compiled: bool,
+        flops_per_image: float | None = None,
+        peak_flops: float | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.optimizer = optimizer  # its learning rate is read at log intervals
+        self.device, self.world_size = dist.device, dist.world_size
+        self.log_every, self.compiled = log_every, compiled
+        self.flops_per_image, self.peak_flops = flops_per_image, peak_flops
+        self.compile_time_s: float | None = None  # the run's first step, once it has run
+        self._data_bound_warned = False
+        self.start_epoch(0, 0, 0)
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+        """Reset the epoch's sums for ``epoch`` of ``epochs``, ``steps`` steps long."""
+        self.epoch, self.epochs, self.steps = epoch, epochs, steps
+        self._term_sums: dict[str, torch.Tensor] = {}
+        self._correct = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._steps_done = self._images_seen = 0
+        self._timed_images, self._timed_s = 0, 0.0  # steady-state steps only
+        self._epoch_start = time.perf_counter()
+        self._interval = _Interval(self._epoch_start)
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Time spent inside counts as waiting for data."""
+        start = time.perf_counter()
+        yield
+        self._interval.wait_s += time.perf_counter() - start
+
+    def update(
+        self,
+        terms: dict[str, torch.Tensor],
+        student_logits: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        global_step: int,
+        excluded: bool = False,
+    ) -> None:
+        """Count one step; log when an interval ends. ``excluded``: keep it out of images/sec."""
+        for name, value in terms.items():  # device tensors: no host synchronization here
+            self._term_sums[name] = self._term_sums.get(name, 0) + value.float()
+        self._correct += (student_logits.detach().argmax(dim=1) == labels).sum()
+        images = labels.shape[0]
+        self._steps_done += 1
+        self._images_seen += images
+        self._interval.steps += 1
+        self._interval.images += images
+        if self.compile_time_s is None:
+            self._report_compile_step()
+        elif excluded:
+            self._interval = _Interval(time.perf_counter())
+        elif self._steps_done % self.log_every == 0 or self._steps_done == self.steps:
+            self._log_interval(global_step)
+
+    def _report_compile_step(self) -> None:
+        # The run's first step compiles (torch.compile) and warms up: report it, never count it.
+        sync(self.device)
+        self.compile_time_s = time.perf_counter() - self._epoch_start
+        self.metrics.write(
+            "compile",
+            epoch=self.epoch,
+            seconds=round(self.compile_time_s, 3),
+            compiled=self.compiled,
+        )
+        log.info("first step (compile + warm-up) took %.1fs", self.compile_time_s)
+        self._interval = _Interval(time.perf_counter())
+
+    def _log_interval(self, global_step: int) -> None:
+        means = {name: total / self._steps_done for name, total in self._term_sums.items()}
+        values = torch.stack([v.reshape(()).double() for v in means.values()]).tolist()
+        record = dict(zip(means, values, strict=True))  # the interval's one host sync
+        interval = self._interval
+        elapsed = max(1e-9, time.perf_counter() - interval.start)
+        self._timed_images += interval.images
+        self._timed_s += elapsed
+        img_per_s = interval.images * self.world_size / elapsed
+        wait_frac = min(1.0, interval.wait_s / elapsed)
+        lr = self.optimizer.param_groups[0]["lr"]
+        extra: dict[str, float] = {}
+        if self.flops_per_image and self.peak_flops:
+            extra["mfu"] = img_per_s / self.world_size * self.flops_per_image / self.peak_flops
+        if self.device.type == "cuda":  # the caching allocator's own counter: no device sync
+            extra["max_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.metrics.write(
+            "step",
+            epoch=self.epoch,
+            step=self._steps_done,
+            global_step=global_step,
+            lr=lr,
+            img_per_s=img_per_s,
+            data_wait_frac=wait_frac,
+            **record,
+            **extra,
+        )
+        remaining_steps = (self.steps - self._steps_done) + (self.epochs - self.epoch) * self.steps
+        eta_s = remaining_steps * elapsed / max(1, interval.steps)
+        self._print(record, extra, lr=lr, img_per_s=img_per_s, wait_frac=wait_frac, eta_s=eta_s)
+        if wait_frac > _DATA_BOUND_WAIT_FRAC and not self._data_bound_warned:
+            self._data_bound_warned = True
+            warnings.warn(
+                f"training is data-bound: {wait_frac:.0%} of step time is spent waiting for "
+                "batches; raise data.workers, use data.backend=dali (GPU decode) or put the data "
+                "on faster storage",
+                stacklevel=4,
+            )
+        self._interval = _Interval(time.perf_counter())
+
+    def _print(
+        self,
+        record: dict[str, Any],
+        extra: dict[str, float],
+        *,
+        lr: float,
+        img_per_s: float,
+        wait_frac: float,
+        eta_s: float,
+    ) -> None:
+        terms_text = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "loss")
+        device_text = f" mfu {extra['mfu']:.1%}" if "mfu" in extra else ""
+        if "max_mem_gib" in extra:
+            device_text += f" mem {extra['max_mem_gib']:.1f} GiB"
+        log.info(
+            "epoch %d/%d step %d/%d loss %.4f (%s) lr %.4g | %.0f img/s data-wait %.0f%%%s | ETA %s",
+            self.epoch,
+            self.epochs,
+            self._steps_done,
+            self.steps,
+            record["loss"],
+            terms_text,
+            lr,
+            img_per_s,
+            100 * wait_frac,
+            device_text,
+            format_duration(eta_s),
+        )
+
+    def end_epoch(self) -> dict[str, float]:
+        """Mean loss terms and train top-1 over every rank, images/sec and the epoch's time."""
+        sync(self.device)
+        epoch_s = time.perf_counter() - self._epoch_start
+        timed_images, timed_s = self._timed_images, self._timed_s
+        if self._interval.images:  # steps after the last log line (the loader ended early)
+            timed_images += self._interval.images
+            timed_s += time.perf_counter() - self._interval.start
+        if timed_s <= 0:  # a one-step epoch: only the warm-up step exists, report it as it is
+            timed_images, timed_s = self._images_seen, epoch_s
+        names = list(self._term_sums)
+        totals = torch.zeros(len(names) + 3, dtype=torch.float64, device=self.device)
+        for i, name in enumerate(names):
+            totals[i] = self._term_sums[name].double()
+        totals[-3], totals[-2], totals[-1] = self._correct, self._images_seen, self._steps_done
+        values = all_reduce_sum(totals).tolist()
+        result = {name: values[i] / max(1.0, values[-1]) for i, name in enumerate(names)}
+        result["train_top1"] = values[-3] / max(1.0, values[-2])
+        result["img_per_s"] = timed_images * self.world_size / max(1e-9, timed_s)
+        result["epoch_time_s"] = epoch_s
+        return result
