@@ -17,6 +17,10 @@ Loading order: the file's ``_base_`` files (paths relative to the file, merged i
 then the file itself, then ``dotted.key=value`` overrides whose values are parsed as YAML scalars or
 lists. The result is validated: an unknown key fails naming the key and the closest valid one, a
 value of the wrong type or out of range fails naming the key and what is allowed.
+
+Validation lives beside the fields: `_build` coerces each value to its field's type, then each
+section's ``__post_init__`` checks its own ranges (so a section built in code is checked too), and
+`Config.validate` checks what needs the whole config (see there).
 """
 
 from __future__ import annotations
@@ -36,6 +40,21 @@ import yaml
 
 class ConfigError(ValueError):
     """A user-fixable problem in a config file or override; the message names the culprit."""
+
+
+# The one wording of this mistake: the config and the data code (for a `DataConfig` built in
+# code, which the config never saw) raise it alike.
+DATA_ROOT_EMPTY = (
+    "data.root is empty: set it to an ImageFolder root holding train/ and val/ "
+    "(e.g. data.root=/data/imagenet), or to the folder data.synthetic.enabled=true generates "
+    "the synthetic set in"
+)
+
+
+def _require(ok: bool, message: str) -> None:
+    """Raise `ConfigError` with ``message`` unless ``ok`` (the sections' range checks)."""
+    if not ok:
+        raise ConfigError(message)
 
 
 def _doc(text: str, **kwargs: Any) -> Any:
@@ -63,6 +82,13 @@ class RunConfig:
         default=60,
     )
 
+    def __post_init__(self) -> None:
+        _require(bool(self.dir), "run.dir is empty: name the folder the run writes to")
+        _require(
+            self.setup_timeout_min >= 1,
+            f"run.setup_timeout_min must be >= 1, got {self.setup_timeout_min}",
+        )
+
 
 @dataclass
 class SyntheticConfig:
@@ -76,6 +102,19 @@ class SyntheticConfig:
     seed: int = _doc(
         "seed of the generator (the set is a pure function of these fields)", default=0
     )
+
+    def __post_init__(self) -> None:
+        _require(
+            self.num_classes >= 2,
+            f"data.synthetic.num_classes must be >= 2, got {self.num_classes}",
+        )
+        _require(
+            self.train_per_class >= 1 and self.val_per_class >= 1,
+            "data.synthetic.train_per_class and val_per_class must be >= 1",
+        )
+        _require(
+            self.image_size >= 16, f"data.synthetic.image_size must be >= 16, got {self.image_size}"
+        )
 
 
 @dataclass
@@ -137,6 +176,34 @@ class DataConfig:
         "the generated quickstart data set", default_factory=SyntheticConfig
     )
 
+    def __post_init__(self) -> None:
+        # data.root is left to Config.validate: its default is empty on purpose.
+        _require(self.image_size >= 8, f"data.image_size must be >= 8, got {self.image_size}")
+        _require(
+            self.val_resize >= self.image_size,
+            f"data.val_resize ({self.val_resize}) must be >= data.image_size ({self.image_size})",
+        )
+        _require(
+            len(self.crop_area) == 2 and 0 < self.crop_area[0] <= self.crop_area[1] <= 1,
+            f"data.crop_area must be [min, max] with 0 < min <= max <= 1, got {self.crop_area}",
+        )
+        _require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _require(
+            self.val_batch_size >= 0,
+            f"data.val_batch_size must be >= 0, got {self.val_batch_size}",
+        )
+        _require(self.workers >= 0, f"data.workers must be >= 0, got {self.workers}")
+        _require(self.prefetch >= 1, f"data.prefetch must be >= 1, got {self.prefetch}")
+        _require(
+            len(self.mean) == 3 and len(self.std) == 3,
+            "data.mean and data.std need 3 values (R, G, B)",
+        )
+        _require(all(v > 0 for v in self.std), f"data.std must be positive, got {self.std}")
+        _require(
+            0.0 <= self.hw_decoder_load <= 1.0,
+            f"data.hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}",
+        )
+
 
 @dataclass
 class TeacherConfig:
@@ -185,6 +252,18 @@ class LossConfig:
         default=0.0,
     )
 
+    def __post_init__(self) -> None:
+        # The loss functions check tau again for library callers; this names the config key.
+        _require(self.tau > 0, f"loss.tau must be > 0, got {self.tau}")
+        _require(
+            self.loss_weight >= 0 and self.ce_weight >= 0,
+            "loss.loss_weight and loss.ce_weight must be >= 0",
+        )
+        _require(
+            0.0 <= self.label_smoothing < 1.0,
+            f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}",
+        )
+
 
 @dataclass
 class OptimConfig:
@@ -200,6 +279,16 @@ class OptimConfig:
     fused: Literal["auto", "torch", "apex", "off"] = _doc(
         "fused SGD step: torch's where supported (auto), apex FusedSGD, or off", default="auto"
     )
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _require(
+            self.momentum >= 0 and self.weight_decay >= 0,
+            "optim.momentum and optim.weight_decay must be >= 0",
+        )
+        _require(
+            not (self.nesterov and self.momentum == 0), "optim.nesterov needs optim.momentum > 0"
+        )
 
 
 @dataclass
@@ -217,6 +306,17 @@ class SchedConfig:
         "linear warmup length in epochs (fractions allowed); 0 = none", default=0.0
     )
     warmup_start_factor: float = _doc("warmup starts at lr x this factor", default=0.1)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.warmup_epochs >= 0, f"sched.warmup_epochs must be >= 0, got {self.warmup_epochs}"
+        )
+        _require(0 < self.warmup_start_factor <= 1, "sched.warmup_start_factor must be in (0, 1]")
+        _require(all(m >= 0 for m in self.milestones), "sched.milestones must be >= 0")
+        _require(
+            self.milestones == sorted(self.milestones),
+            f"sched.milestones must be increasing, got {self.milestones}",
+        )
 
 
 @dataclass
@@ -260,6 +360,19 @@ class TrainConfig:
         default=False,
     )
 
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _require(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _require(self.eval_every >= 1, f"train.eval_every must be >= 1, got {self.eval_every}")
+        _require(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch must be >= 0")
+        _require(
+            self.profile_skip >= 1,
+            f"train.profile_skip must be >= 1 (the first step compiles), got {self.profile_skip}",
+        )
+        _require(
+            self.profile_steps >= 1, f"train.profile_steps must be >= 1, got {self.profile_steps}"
+        )
+
 
 @dataclass
 class Config:
@@ -271,6 +384,19 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """Check what a run needs beyond each section's own ranges; raise `ConfigError` if not met.
+
+        Each section checks its own fields in ``__post_init__``, so it is in range however it
+        was made (from YAML, or in code by tests and benchmarks). Two kinds of check cannot live
+        there and come here: checks across sections (none so far), and requirements that a
+        default misses on purpose. ``data.root`` has no sensible default, yet ``Config()`` and
+        ``DataConfig()`` must stay constructible (tests, benchmarks, `describe`), so its check
+        waits until here. `from_dict`, and so `load_config`, calls this: every config read from
+        YAML or overrides has passed it.
+        """
+        _require(bool(self.data.root), DATA_ROOT_EMPTY)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,94 +671,10 @@ def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
     return cls(**kwargs)
 
 
-def _check_ranges(cfg: Config) -> None:
-    """Cross-field and range checks that types alone cannot express."""
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
-
-    d, s = cfg.data, cfg.data.synthetic
-    need(d.image_size >= 8, f"data.image_size must be >= 8, got {d.image_size}")
-    need(
-        d.val_resize >= d.image_size,
-        f"data.val_resize ({d.val_resize}) must be >= data.image_size ({d.image_size})",
-    )
-    need(
-        len(d.crop_area) == 2 and 0 < d.crop_area[0] <= d.crop_area[1] <= 1,
-        f"data.crop_area must be [min, max] with 0 < min <= max <= 1, got {d.crop_area}",
-    )
-    need(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
-    need(d.val_batch_size >= 0, f"data.val_batch_size must be >= 0, got {d.val_batch_size}")
-    need(d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
-    need(d.prefetch >= 1, f"data.prefetch must be >= 1, got {d.prefetch}")
-    need(len(d.mean) == 3 and len(d.std) == 3, "data.mean and data.std need 3 values (R, G, B)")
-    need(all(v > 0 for v in d.std), f"data.std must be positive, got {d.std}")
-    need(
-        0.0 <= d.hw_decoder_load <= 1.0,
-        f"data.hw_decoder_load must be in [0, 1], got {d.hw_decoder_load}",
-    )
-    need(s.num_classes >= 2, f"data.synthetic.num_classes must be >= 2, got {s.num_classes}")
-    need(
-        s.train_per_class >= 1 and s.val_per_class >= 1,
-        "data.synthetic.train_per_class and val_per_class must be >= 1",
-    )
-    need(s.image_size >= 16, f"data.synthetic.image_size must be >= 16, got {s.image_size}")
-    need(
-        bool(d.root),
-        "data.root is empty: set it to an ImageFolder root (e.g. data.root=/data/imagenet)",
-    )
-    need(cfg.loss.tau > 0, f"loss.tau must be > 0, got {cfg.loss.tau}")
-    need(
-        cfg.loss.loss_weight >= 0 and cfg.loss.ce_weight >= 0,
-        "loss.loss_weight and loss.ce_weight must be >= 0",
-    )
-    need(
-        0.0 <= cfg.loss.label_smoothing < 1.0,
-        f"loss.label_smoothing must be in [0, 1), got {cfg.loss.label_smoothing}",
-    )
-    need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
-    need(
-        cfg.optim.momentum >= 0 and cfg.optim.weight_decay >= 0,
-        "optim.momentum and optim.weight_decay must be >= 0",
-    )
-    need(
-        not (cfg.optim.nesterov and cfg.optim.momentum == 0),
-        "optim.nesterov needs optim.momentum > 0",
-    )
-    need(
-        cfg.sched.warmup_epochs >= 0,
-        f"sched.warmup_epochs must be >= 0, got {cfg.sched.warmup_epochs}",
-    )
-    need(0 < cfg.sched.warmup_start_factor <= 1, "sched.warmup_start_factor must be in (0, 1]")
-    need(all(m >= 0 for m in cfg.sched.milestones), "sched.milestones must be >= 0")
-    need(
-        cfg.sched.milestones == sorted(cfg.sched.milestones),
-        f"sched.milestones must be increasing, got {cfg.sched.milestones}",
-    )
-    need(cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}")
-    need(cfg.train.log_every >= 1, f"train.log_every must be >= 1, got {cfg.train.log_every}")
-    need(cfg.train.eval_every >= 1, f"train.eval_every must be >= 1, got {cfg.train.eval_every}")
-    need(cfg.train.max_steps_per_epoch >= 0, "train.max_steps_per_epoch must be >= 0")
-    need(
-        cfg.train.profile_skip >= 1,
-        f"train.profile_skip must be >= 1 (the first step compiles), got {cfg.train.profile_skip}",
-    )
-    need(
-        cfg.train.profile_steps >= 1,
-        f"train.profile_steps must be >= 1, got {cfg.train.profile_steps}",
-    )
-    need(bool(cfg.run.dir), "run.dir is empty: name the folder the run writes to")
-    need(
-        cfg.run.setup_timeout_min >= 1,
-        f"run.setup_timeout_min must be >= 1, got {cfg.run.setup_timeout_min}",
-    )
-
-
 def from_dict(tree: dict[str, Any], where: str = "") -> Config:
     """Validate a raw mapping into a `Config` (raises `ConfigError` naming the bad key)."""
     cfg = _build(Config, tree, "", where)
-    _check_ranges(cfg)
+    cfg.validate()
     return cfg
 
 

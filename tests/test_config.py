@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
 from fastkd.config import (
+    DATA_ROOT_EMPTY,
     Config,
     ConfigError,
+    DataConfig,
+    LossConfig,
+    OptimConfig,
+    RunConfig,
+    SchedConfig,
+    SyntheticConfig,
+    TrainConfig,
     describe,
     from_dict,
     load_config,
@@ -202,7 +211,7 @@ def test_unknown_key_in_file(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "override, fragment",
+    "overrides, fragment",
     [
         ("data.batch_size=abc", "data.batch_size"),
         ("data.batch_size=1.5", "data.batch_size"),
@@ -210,23 +219,103 @@ def test_unknown_key_in_file(tmp_path):
         ("data.backend=dalli", "did you mean 'dali'"),
         ("loss.kind=wsdl", "loss.kind"),
         ("train.amp=fp8", "train.amp"),
-        ("data.batch_size=0", "data.batch_size must be >= 1"),
-        ("loss.tau=0", "loss.tau"),
-        ("sched.milestones=[60,30]", "increasing"),
+        ("data.dali_device=tpu", "data.dali_device: 'tpu' is not one of"),
         ("sched.milestones=5", "sched.milestones"),
-        ("data.val_resize=16", "data.val_resize"),
         ("data.root=", "data.root is empty"),
-        ("optim.lr=-1", "optim.lr"),
+        # Every range check of every section, each naming its key.
+        ("run.dir=", "run.dir is empty"),
+        ("run.setup_timeout_min=0", "run.setup_timeout_min must be >= 1"),
+        ("data.image_size=4", "data.image_size must be >= 8"),
+        ("data.val_resize=16", "data.val_resize (16) must be >= data.image_size (224)"),
+        ("data.crop_area=[0.5,0.2]", "data.crop_area must be [min, max]"),
+        ("data.crop_area=[0.1]", "data.crop_area must be [min, max]"),
+        ("data.crop_area=[0,1]", "data.crop_area must be [min, max]"),
+        ("data.batch_size=0", "data.batch_size must be >= 1"),
+        ("data.val_batch_size=-1", "data.val_batch_size must be >= 0"),
+        ("data.workers=-1", "data.workers must be >= 0"),
+        ("data.prefetch=0", "data.prefetch must be >= 1"),
+        ("data.mean=[1,2]", "data.mean and data.std need 3 values"),
+        ("data.std=[1,0,1]", "data.std must be positive"),
+        ("data.hw_decoder_load=1.5", "data.hw_decoder_load must be in [0, 1]"),
+        ("data.synthetic.num_classes=1", "data.synthetic.num_classes must be >= 2"),
+        ("data.synthetic.val_per_class=0", "data.synthetic.train_per_class and val_per_class"),
+        ("data.synthetic.image_size=8", "data.synthetic.image_size must be >= 16"),
+        ("loss.tau=0", "loss.tau must be > 0"),
+        ("loss.tau=-2", "loss.tau must be > 0"),
+        ("loss.loss_weight=-1", "loss.loss_weight and loss.ce_weight must be >= 0"),
+        ("loss.ce_weight=-1", "loss.loss_weight and loss.ce_weight must be >= 0"),
+        ("loss.label_smoothing=1", "loss.label_smoothing must be in [0, 1)"),
+        ("optim.lr=-1", "optim.lr must be > 0"),
+        ("optim.momentum=-0.5", "optim.momentum and optim.weight_decay must be >= 0"),
+        ("optim.weight_decay=-1", "optim.momentum and optim.weight_decay must be >= 0"),
+        ("optim.nesterov=true optim.momentum=0", "optim.nesterov needs optim.momentum > 0"),
+        ("sched.warmup_epochs=-1", "sched.warmup_epochs must be >= 0"),
+        ("sched.warmup_start_factor=0", "sched.warmup_start_factor must be in (0, 1]"),
+        ("sched.milestones=[-1,5]", "sched.milestones must be >= 0"),
+        ("sched.milestones=[60,30]", "sched.milestones must be increasing"),
+        ("train.epochs=0", "train.epochs must be >= 1"),
+        ("train.log_every=0", "train.log_every must be >= 1"),
+        ("train.eval_every=0", "train.eval_every must be >= 1"),
+        ("train.max_steps_per_epoch=-1", "train.max_steps_per_epoch must be >= 0"),
         ("train.profile_skip=0", "train.profile_skip must be >= 1"),
         ("train.profile_steps=0", "train.profile_steps must be >= 1"),
-        ("run.setup_timeout_min=0", "run.setup_timeout_min must be >= 1"),
     ],
 )
-def test_bad_values_fail_naming_the_key(tmp_path, override, fragment):
+def test_bad_values_fail_naming_the_key(tmp_path, overrides, fragment):
     path = write(tmp_path / "a.yaml", {"data": {"root": "/x"}})
-    with pytest.raises(ConfigError, match=None) as info:
-        load_config(path, [override])
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides.split())
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda: RunConfig(dir=""), "run.dir is empty"),
+        (lambda: DataConfig(batch_size=0), "data.batch_size must be >= 1"),
+        (lambda: DataConfig(image_size=300), "data.val_resize (256) must be >= data.image_size"),
+        (lambda: DataConfig(hw_decoder_load=-0.1), "data.hw_decoder_load must be in [0, 1]"),
+        (lambda: SyntheticConfig(image_size=8), "data.synthetic.image_size must be >= 16"),
+        (lambda: LossConfig(tau=0.0), "loss.tau must be > 0"),
+        (lambda: OptimConfig(nesterov=True, momentum=0.0), "optim.nesterov needs"),
+        (lambda: SchedConfig(milestones=[3, 2]), "sched.milestones must be increasing"),
+        (lambda: TrainConfig(epochs=0), "train.epochs must be >= 1"),
+        (lambda: TrainConfig(profile_steps=0), "train.profile_steps must be >= 1"),
+        (lambda: dataclasses.replace(LossConfig(), label_smoothing=1.5), "loss.label_smoothing"),
+    ],
+)
+def test_sections_check_their_fields_when_built_in_code(make, fragment):
+    with pytest.raises(ConfigError) as info:
+        make()
+    assert fragment in str(info.value)
+
+
+def test_defaults_construct_and_a_run_needs_data_root():
+    """Config() and DataConfig() stay constructible (empty data.root on purpose); validate(),
+    which from_dict calls, asks for data.root."""
+    assert Config().data == DataConfig() and DataConfig().root == ""
+    with pytest.raises(ConfigError, match="data.root is empty"):
+        Config().validate()
+    with pytest.raises(ConfigError, match="data.root is empty"):
+        from_dict({})
+    from_dict({"data": {"root": "/x"}}).validate()
+
+
+def test_empty_data_root_reads_the_same_everywhere(tmp_path, monkeypatch):
+    """One message for the config, the folder scan and the synthetic set (a DataConfig built in
+    code never met the config's check)."""
+    from fastkd.data.folder import DataError, scan_imagefolder
+    from fastkd.data.synthetic import prepare_synthetic
+
+    with pytest.raises(ConfigError) as from_config:
+        from_dict({"data": {"root": ""}})
+    with pytest.raises(DataError) as from_scan:
+        scan_imagefolder("")
+    monkeypatch.chdir(tmp_path)  # were the check missing, the set would land in the cwd
+    with pytest.raises(DataError) as from_synthetic:
+        prepare_synthetic(DataConfig(synthetic=SyntheticConfig(enabled=True)))
+    assert str(from_config.value) == str(from_scan.value) == str(from_synthetic.value)
+    assert str(from_config.value) == DATA_ROOT_EMPTY and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("bad", ["noequals", "=3", "a..b=1"])

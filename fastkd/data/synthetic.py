@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from fastkd.config import DataConfig, SyntheticConfig
+from fastkd.config import DATA_ROOT_EMPTY, ConfigError, DataConfig, SyntheticConfig
 from fastkd.data.folder import DataError, ImageFolderIndex, scan_imagefolder
 
 MARKER_NAME = ".fastkd_synthetic.json"
@@ -389,7 +389,7 @@ def prepare_synthetic(cfg: DataConfig) -> None:
     if not cfg.synthetic.enabled:
         return
     if not cfg.root:
-        raise DataError("data.root is empty: set it to the folder the synthetic set goes to")
+        raise DataError(DATA_ROOT_EMPTY)
     root = Path(cfg.root).expanduser()
     if root.exists() and not _is_empty_dir(root) and read_marker(root) is None:
         warnings.warn(
@@ -427,18 +427,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     args = parser.parse_args(argv)
-    cfg = SyntheticConfig(
-        enabled=True,
-        num_classes=args.num_classes,
-        train_per_class=args.train_per_class,
-        val_per_class=args.val_per_class,
-        image_size=args.image_size,
-        seed=args.seed,
-    )
     start = time.perf_counter()
     try:
+        cfg = SyntheticConfig(  # checks its ranges
+            enabled=True,
+            num_classes=args.num_classes,
+            train_per_class=args.train_per_class,
+            val_per_class=args.val_per_class,
+            image_size=args.image_size,
+            seed=args.seed,
+        )
         root = make_synthetic_imagefolder(args.out, cfg)
-    except DataError as exc:
+    except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     index = scan_imagefolder(root, num_classes=cfg.num_classes)
