@@ -20,17 +20,22 @@ value of the wrong type or out of range fails naming the key and what is allowed
 
 Validation lives beside the fields: `_build` coerces each value to its field's type, then each
 section's ``__post_init__`` checks its own ranges (so a section built in code is checked too), and
-`Config.validate` checks what needs the whole config (see there).
+`Config.validate` checks what needs the whole config (see there). Keys renamed into sections
+(`RENAMED_KEYS`: ``data.dali_device`` is now ``data.dali.device``, ``train.profile`` is
+``train.profile.enabled``...) are still read, in files and overrides, with a ``FutureWarning``
+naming the old and the new key; giving both with different values is an error.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
 import sys
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -118,6 +123,26 @@ class SyntheticConfig:
 
 
 @dataclass
+class DaliConfig:
+    device: Literal["auto", "gpu", "cpu"] = _doc(
+        "DALI decode on the GPU ('mixed') or the CPU; auto = GPU when CUDA is available",
+        default="auto",
+    )
+    hw_decoder_load: float = _doc(
+        "share of JPEGs sent to the A100/H100 hardware decoder (0-1)", default=0.65
+    )
+    preallocate: bool = _doc(
+        "preallocate DALI decoder memory for ImageNet-sized images (no growth stalls)", default=True
+    )
+
+    def __post_init__(self) -> None:
+        _require(
+            0.0 <= self.hw_decoder_load <= 1.0,
+            f"data.dali.hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}",
+        )
+
+
+@dataclass
 class DataConfig:
     root: str = _doc(
         "ImageFolder root holding train/<class>/*.JPEG and val/<class>/*.JPEG", default=""
@@ -159,19 +184,10 @@ class DataConfig:
     prefetch: int = _doc(
         "batches prepared ahead (DALI prefetch_queue_depth / DataLoader prefetch_factor)", default=2
     )
-    dali_device: Literal["auto", "gpu", "cpu"] = _doc(
-        "DALI decode on the GPU ('mixed') or the CPU; auto = GPU when CUDA is available",
-        default="auto",
-    )
     output_dtype: Literal["auto", "float32", "float16"] = _doc(
         "dtype of the batches; auto = float16 on a GPU under AMP, else float32", default="auto"
     )
-    hw_decoder_load: float = _doc(
-        "share of JPEGs sent to the A100/H100 hardware decoder (0-1)", default=0.65
-    )
-    dali_preallocate: bool = _doc(
-        "preallocate DALI decoder memory for ImageNet-sized images (no growth stalls)", default=True
-    )
+    dali: DaliConfig = _doc("settings of the DALI backend only", default_factory=DaliConfig)
     synthetic: SyntheticConfig = _doc(
         "the generated quickstart data set", default_factory=SyntheticConfig
     )
@@ -199,10 +215,6 @@ class DataConfig:
             "data.mean and data.std need 3 values (R, G, B)",
         )
         _require(all(v > 0 for v in self.std), f"data.std must be positive, got {self.std}")
-        _require(
-            0.0 <= self.hw_decoder_load <= 1.0,
-            f"data.hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}",
-        )
 
 
 @dataclass
@@ -320,6 +332,26 @@ class SchedConfig:
 
 
 @dataclass
+class ProfileConfig:
+    enabled: bool = _doc(
+        "torch.profiler over a few steps of the first epoch: run.dir/profile/ gets a Chrome/Perfetto "
+        "trace and the top operators/kernels (table and JSON), per rank",
+        default=False,
+    )
+    skip: int = _doc(
+        "steps before profiling starts (>= 1: the first step compiles and warms up)", default=5
+    )
+    steps: int = _doc("steps recorded (a shorter first epoch records what it has)", default=5)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.skip >= 1,
+            f"train.profile.skip must be >= 1 (the first step compiles), got {self.skip}",
+        )
+        _require(self.steps >= 1, f"train.profile.steps must be >= 1, got {self.steps}")
+
+
+@dataclass
 class TrainConfig:
     epochs: int = _doc("training epochs", default=100)
     device: Literal["auto", "cuda", "cpu"] = _doc("auto = CUDA when available", default="auto")
@@ -345,15 +377,9 @@ class TrainConfig:
         "cap on steps per epoch; 0 = the full epoch (smoke tests, benchmarks)", default=0
     )
     sync_bn: bool = _doc("SyncBatchNorm for the student under DDP", default=False)
-    profile: bool = _doc(
-        "torch.profiler over a few steps of the first epoch: run.dir/profile/ gets a Chrome/Perfetto "
-        "trace and the top operators/kernels (table and JSON), per rank",
-        default=False,
+    profile: ProfileConfig = _doc(
+        "torch.profiler over a few steps (fastkd/profiling.py)", default_factory=ProfileConfig
     )
-    profile_skip: int = _doc(
-        "steps before profiling starts (>= 1: the first step compiles and warms up)", default=5
-    )
-    profile_steps: int = _doc("steps recorded by train.profile", default=5)
     nvtx: bool = _doc(
         "NVTX ranges around each step's phases (fastkd/teacher, student_forward, loss, backward, "
         "optimizer) for Nsight Systems (nsys profile --trace=cuda,nvtx); free when no tool listens",
@@ -365,13 +391,6 @@ class TrainConfig:
         _require(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
         _require(self.eval_every >= 1, f"train.eval_every must be >= 1, got {self.eval_every}")
         _require(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch must be >= 0")
-        _require(
-            self.profile_skip >= 1,
-            f"train.profile_skip must be >= 1 (the first step compiles), got {self.profile_skip}",
-        )
-        _require(
-            self.profile_steps >= 1, f"train.profile_steps must be >= 1, got {self.profile_steps}"
-        )
 
 
 @dataclass
@@ -503,6 +522,7 @@ def load_yaml_tree(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str,
         raise ConfigError(f"_base_ inheritance cycle: {cycle}")
     data = _read_yaml(path)
     bases = data.pop("_base_", [])
+    data = _rename_deprecated(data, f" in {path}")
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
@@ -511,6 +531,106 @@ def load_yaml_tree(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str,
     for base in bases:
         merged = deep_merge(merged, load_yaml_tree(path.parent / base, (*_chain, path)))
     return deep_merge(merged, data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Renamed keys
+# ---------------------------------------------------------------------------------------------
+
+# Backend-specific keys grouped into sections: old dotted key -> new dotted key. The old keys are
+# read for one release, each with a FutureWarning, and never written (config.yaml,
+# --print-config and `describe` know the new keys only).
+RENAMED_KEYS: dict[str, str] = {
+    "data.dali_device": "data.dali.device",
+    "data.hw_decoder_load": "data.dali.hw_decoder_load",
+    "data.dali_preallocate": "data.dali.preallocate",
+    "train.profile": "train.profile.enabled",
+    "train.profile_skip": "train.profile.skip",
+    "train.profile_steps": "train.profile.steps",
+}
+_OLD_KEYS: dict[str, str] = {new: old for old, new in RENAMED_KEYS.items()}
+
+
+def _is_old_key(key: str, value: Any) -> bool:
+    """Whether ``value`` given at dotted ``key`` is an old key's value.
+
+    ``train.profile`` is both the old bool and the new section: a mapping (or nothing) given
+    there is the section.
+    """
+    new = RENAMED_KEYS.get(key)
+    if new is None:
+        return False
+    return not (new.startswith(key + ".") and (value is None or isinstance(value, dict)))
+
+
+def _leaf_type(key: str) -> Any:
+    tp: Any = Config
+    for part in key.split("."):
+        tp = _field_types(tp)[part]
+    return tp
+
+
+def _check_same_value(old: str, old_value: Any, new_value: Any, where: str) -> None:
+    """A `ConfigError` naming both keys when an old key and its new key disagree."""
+    new = RENAMED_KEYS[old]
+    tp = _leaf_type(new)
+    if _coerce(old_value, tp, old) != _coerce(new_value, tp, new):
+        raise ConfigError(
+            f"{old} (deprecated) and {new} are both given{where}, with different values "
+            f"({old_value!r} and {new_value!r}): keep {new} only"
+        )
+
+
+def _warn_renamed(old: str, where: str) -> None:
+    warnings.warn(
+        f"config key {old} is deprecated{where}: write {RENAMED_KEYS[old]} instead (the old key "
+        "stops working in the next release)",
+        FutureWarning,
+        stacklevel=3,
+    )
+
+
+def _rename_deprecated(tree: dict[str, Any], where: str) -> dict[str, Any]:
+    """``tree`` (one file's mapping, or one given to `from_dict`) with old keys at their new places.
+
+    Each old key found warns once; an old key next to its new key with another value is a
+    `ConfigError` naming both. ``tree`` itself is left unchanged.
+    """
+    found = []
+    for old in RENAMED_KEYS:
+        *parents, leaf = old.split(".")
+        section: Any = tree
+        for part in parents:
+            section = section.get(part) if isinstance(section, dict) else None
+        if isinstance(section, dict) and leaf in section and _is_old_key(old, section[leaf]):
+            found.append((parents, leaf, old))
+    if not found:
+        return tree
+    tree = copy.deepcopy(tree)
+    for parents, leaf, old in found:
+        value = _section_at(tree, parents, where).pop(leaf)
+        *new_parents, new_leaf = RENAMED_KEYS[old].split(".")
+        section = _section_at(tree, new_parents, where)
+        if new_leaf in section:
+            _check_same_value(old, value, section[new_leaf], where)
+        else:
+            section[new_leaf] = value
+        _warn_renamed(old, where)
+    return tree
+
+
+def _section_at(tree: dict[str, Any], parts: list[str], where: str) -> dict[str, Any]:
+    """The mapping at ``parts`` in ``tree``, created where missing."""
+    section = tree
+    for depth, part in enumerate(parts):
+        child = section.get(part)
+        if child is None:
+            child = section[part] = {}
+        if not isinstance(child, dict):
+            key = ".".join(parts[: depth + 1])
+            raise ConfigError(f"{key}: expected a mapping of keys{where}, got {child!r}")
+        section = child
+    return section
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,10 +660,27 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``dotted.key=value`` overrides to a raw mapping (validation happens afterwards)."""
+    """Apply ``dotted.key=value`` overrides to a raw mapping (validation happens afterwards).
+
+    An old key (`RENAMED_KEYS`) sets its new key, with a warning; an old key and its new key
+    both among the overrides with different values are a `ConfigError`.
+    """
     tree = dict(tree)
+    # Values given to each renamed key under its old and under its new name, by new name.
+    as_old: dict[str, Any] = {}
+    as_new: dict[str, Any] = {}
     for text in overrides:
         parts, value = parse_override(text)
+        key = ".".join(parts)
+        if _is_old_key(key, value):
+            _warn_renamed(key, f" in override {text!r}")
+            key = RENAMED_KEYS[key]
+            parts = key.split(".")
+            as_old[key] = value
+        elif key in _OLD_KEYS:
+            as_new[key] = value
+        if key in as_old and key in as_new:
+            _check_same_value(_OLD_KEYS[key], as_old[key], as_new[key], " as overrides")
         node = tree
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -673,7 +810,7 @@ def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
 
 def from_dict(tree: dict[str, Any], where: str = "") -> Config:
     """Validate a raw mapping into a `Config` (raises `ConfigError` naming the bad key)."""
-    cfg = _build(Config, tree, "", where)
+    cfg = _build(Config, _rename_deprecated(tree, where), "", where)
     cfg.validate()
     return cfg
 

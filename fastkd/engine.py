@@ -345,7 +345,7 @@ class TrainState:
     data_bound_warned: bool = False
     compile_time_s: float | None = None
     optimizer_name: str = ""
-    profiler: StepProfiler | None = None  # train.profile, until its steps are recorded
+    profiler: StepProfiler | None = None  # train.profile.enabled, until its steps are recorded
 
 
 def _sync(device: torch.device) -> None:

@@ -410,14 +410,14 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
         flops_per_image=flops_per_image, peak_flops=peak_flops,
     )  # fmt: skip
     log.info("optimizer: %s", state.optimizer_name)
-    if cfg.train.profile:
+    if cfg.train.profile.enabled:
         state.profiler = StepProfiler(
-            run_dir / "profile", skip=cfg.train.profile_skip, steps=cfg.train.profile_steps,
+            run_dir / "profile", skip=cfg.train.profile.skip, steps=cfg.train.profile.steps,
             device=device, rank=dist.rank,
         )  # fmt: skip
         log.info(
-            "profiling steps %d-%d of the first epoch into %s", cfg.train.profile_skip + 1,
-            cfg.train.profile_skip + cfg.train.profile_steps, run_dir / "profile",
+            "profiling steps %d-%d of the first epoch into %s", cfg.train.profile.skip + 1,
+            cfg.train.profile.skip + cfg.train.profile.steps, run_dir / "profile",
         )  # fmt: skip
     start_epoch, best_top1 = 0, float("-inf")
     if resume_path is not None:

@@ -7,7 +7,7 @@ normalized with ``cfg.mean``/``cfg.std`` (0-255 scale), of the requested dtype, 
 labels int64 (N,) on the device.
 
 Backends: ``cfg.backend="dali"`` builds a DALI pipeline (``device="mixed"`` decoding on the GPU
-when the device is CUDA and ``cfg.dali_device`` allows it, CPU operators otherwise) and falls back
+when the device is CUDA and ``cfg.dali.device`` allows it, CPU operators otherwise) and falls back
 to ``"torch"`` with one warning when DALI cannot be imported. Both read the same file list (one
 scan, `fastkd.data.folder`) in the same per-rank order (`fastkd.data.sharding`).
 
@@ -221,15 +221,15 @@ def _build(
     if cfg.backend == "dali":
         dali_backend = _import_dali_backend()
         if dali_backend is not None:
-            if cfg.dali_device == "auto":
+            if cfg.dali.device == "auto":
                 use_gpu = device.type == "cuda"
             else:
-                use_gpu = cfg.dali_device == "gpu"
+                use_gpu = cfg.dali.device == "gpu"
             return dali_backend.DaliLoader(
                 index,
                 use_gpu=use_gpu,
-                hw_decoder_load=cfg.hw_decoder_load,
-                preallocate=cfg.dali_preallocate,
+                hw_decoder_load=cfg.dali.hw_decoder_load,
+                preallocate=cfg.dali.preallocate,
                 **common,
             )
     from fastkd.data.torch_loader import TorchLoader

@@ -26,9 +26,9 @@ its last planned batch is delivered (the trainer never has to ask for one more),
 broken off early (an exception) or a bad image met at run time forces a rebuild.
 
 Memory (GPU decoding): the training decoder preallocates nvJPEG buffers sized for the largest
-ImageNet image (``data.dali_preallocate``), per DALI thread (``data.workers``): one device buffer of
-201 MiB and two pinned host buffers of 134 MiB each, so about 1.6 GiB of GPU memory and 2.1 GiB of
-pinned host memory per process at 8 threads (`decoder_padding_bytes`). The validation decoder
+ImageNet image (``data.dali.preallocate``), per DALI thread (``data.workers``): one device buffer
+of 201 MiB and two pinned host buffers of 134 MiB each, so about 1.6 GiB of GPU memory and 2.1 GiB
+of pinned host memory per process at 8 threads (`decoder_padding_bytes`). The validation decoder
 gets no padding: it grows its buffers on demand in a few short passes.
 
 Bad images: a decode failure stops the pipeline. The loader finds the culprit among the files in
@@ -78,7 +78,7 @@ _UNIFORMS_PER_SAMPLE = 2 * CROP_ATTEMPTS + 3
 
 
 def decoder_padding_bytes(workers: int) -> tuple[int, int]:
-    """(GPU, pinned host) bytes the GPU training decoder preallocates with data.dali_preallocate.
+    """(GPU, pinned host) bytes the GPU training decoder preallocates with data.dali.preallocate.
 
     DALI's documentation: one device buffer of ``device_memory_padding`` per thread, and two
     (double buffering) host buffers of ``host_memory_padding`` per thread.
@@ -390,8 +390,8 @@ class DaliLoader:
             device = torch.device("cuda", torch.cuda.current_device())
         if use_gpu and device.type != "cuda":
             raise DataError(
-                f"data.dali_device=gpu needs a CUDA device, but the batches go to {device}: "
-                "set data.dali_device=auto or cpu"
+                f"data.dali.device=gpu needs a CUDA device, but the batches go to {device}: "
+                "set data.dali.device=auto or cpu"
             )
         self.index = index
         self.classes = list(index.classes)
@@ -437,7 +437,7 @@ class DaliLoader:
             gpu_bytes, pinned_bytes = decoder_padding_bytes(workers)
             logging.getLogger("fastkd").info(
                 "DALI GPU decoder buffers: %.1f GiB of GPU and %.1f GiB of pinned host memory "
-                "(%d threads; data.dali_preallocate=false drops them)",
+                "(%d threads; data.dali.preallocate=false drops them)",
                 gpu_bytes / 2**30, pinned_bytes / 2**30, max(1, workers),
             )  # fmt: skip
         self._runtime_kwargs: dict[str, Any] = dict(
