@@ -26,7 +26,6 @@ from fastkd.engine import (
     build_optimizer,
     build_scheduler,
 )
-from fastkd.errors import ConfigError
 from fastkd.logging import MetricsWriter
 from fastkd.meter import TrainMeter
 from fastkd.models import create_model, fold_batchnorm, load_weights, memory_format
@@ -103,11 +102,6 @@ def build_loaders(cfg: Config, dist: DistInfo, precision: Precision) -> tuple[Lo
 
 def build_teacher(cfg: Config, num_classes: int, device: torch.device) -> tuple[nn.Module, str]:
     """The frozen teacher: loaded weights, eval mode, no gradients, BN folded, channels_last."""
-    if not cfg.teacher.weights:
-        raise ConfigError(
-            f"teacher.weights is empty but loss.kind={cfg.loss.kind} needs a trained teacher: pass a "
-            "state dict / fastkd checkpoint path or torchvision:WEIGHTS_NAME"
-        )
     teacher = create_model(cfg.teacher.arch, num_classes)
     source = load_weights(
         teacher, cfg.teacher.weights, arch=cfg.teacher.arch, num_classes=num_classes, role="teacher"

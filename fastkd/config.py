@@ -17,16 +17,25 @@ Loading order: the file's ``_base_`` files (paths relative to the file, merged i
 then the file itself, then ``dotted.key=value`` overrides whose values are parsed as YAML scalars or
 lists. The result is validated: an unknown key fails naming the key and the closest valid one, a
 value of the wrong type or out of range fails naming the key and what is allowed.
+
+Validation lives beside the fields: `_build` coerces each value to its field's type, then each
+section's ``__post_init__`` checks its own ranges (so a section built in code is checked too), and
+`Config.validate` checks what needs the whole config (see there). Keys renamed into sections
+(`RENAMED_KEYS`: ``data.dali_device`` is now ``data.dali.device``, ``train.profile`` is
+``train.profile.enabled``...) are still read, in files and overrides, with a ``FutureWarning``
+naming the old and the new key; giving both with different values is an error.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
 import sys
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +43,20 @@ from typing import Any, Literal
 import yaml
 
 from fastkd.errors import ConfigError
+
+# The one wording of this mistake: the config and the data code (for a `DataConfig` built in
+# code, which the config never saw) raise it alike.
+DATA_ROOT_EMPTY = (
+    "data.root is empty: set it to an ImageFolder root holding train/ and val/ "
+    "(e.g. data.root=/data/imagenet), or to the folder data.synthetic.enabled=true generates "
+    "the synthetic set in"
+)
+
+
+def _require(ok: bool, message: str) -> None:
+    """Raise `ConfigError` with ``message`` unless ``ok`` (the sections' range checks)."""
+    if not ok:
+        raise ConfigError(message)
 
 
 def _doc(text: str, **kwargs: Any) -> Any:
@@ -61,6 +84,13 @@ class RunConfig:
         default=60,
     )
 
+    def __post_init__(self) -> None:
+        _require(bool(self.dir), "run.dir is empty: name the folder the run writes to")
+        _require(
+            self.setup_timeout_min >= 1,
+            f"run.setup_timeout_min must be >= 1, got {self.setup_timeout_min}",
+        )
+
 
 @dataclass
 class SyntheticConfig:
@@ -74,6 +104,39 @@ class SyntheticConfig:
     seed: int = _doc(
         "seed of the generator (the set is a pure function of these fields)", default=0
     )
+
+    def __post_init__(self) -> None:
+        _require(
+            self.num_classes >= 2,
+            f"data.synthetic.num_classes must be >= 2, got {self.num_classes}",
+        )
+        _require(
+            self.train_per_class >= 1 and self.val_per_class >= 1,
+            "data.synthetic.train_per_class and val_per_class must be >= 1",
+        )
+        _require(
+            self.image_size >= 16, f"data.synthetic.image_size must be >= 16, got {self.image_size}"
+        )
+
+
+@dataclass
+class DaliConfig:
+    device: Literal["auto", "gpu", "cpu"] = _doc(
+        "DALI decode on the GPU ('mixed') or the CPU; auto = GPU when CUDA is available",
+        default="auto",
+    )
+    hw_decoder_load: float = _doc(
+        "share of JPEGs sent to the A100/H100 hardware decoder (0-1)", default=0.65
+    )
+    preallocate: bool = _doc(
+        "preallocate DALI decoder memory for ImageNet-sized images (no growth stalls)", default=True
+    )
+
+    def __post_init__(self) -> None:
+        _require(
+            0.0 <= self.hw_decoder_load <= 1.0,
+            f"data.dali.hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}",
+        )
 
 
 @dataclass
@@ -118,22 +181,37 @@ class DataConfig:
     prefetch: int = _doc(
         "batches prepared ahead (DALI prefetch_queue_depth / DataLoader prefetch_factor)", default=2
     )
-    dali_device: Literal["auto", "gpu", "cpu"] = _doc(
-        "DALI decode on the GPU ('mixed') or the CPU; auto = GPU when CUDA is available",
-        default="auto",
-    )
     output_dtype: Literal["auto", "float32", "float16"] = _doc(
         "dtype of the batches; auto = float16 on a GPU under AMP, else float32", default="auto"
     )
-    hw_decoder_load: float = _doc(
-        "share of JPEGs sent to the A100/H100 hardware decoder (0-1)", default=0.65
-    )
-    dali_preallocate: bool = _doc(
-        "preallocate DALI decoder memory for ImageNet-sized images (no growth stalls)", default=True
-    )
+    dali: DaliConfig = _doc("settings of the DALI backend only", default_factory=DaliConfig)
     synthetic: SyntheticConfig = _doc(
         "the generated quickstart data set", default_factory=SyntheticConfig
     )
+
+    def __post_init__(self) -> None:
+        # data.root is left to Config.validate: its default is empty on purpose.
+        _require(self.image_size >= 8, f"data.image_size must be >= 8, got {self.image_size}")
+        _require(
+            self.val_resize >= self.image_size,
+            f"data.val_resize ({self.val_resize}) must be >= data.image_size ({self.image_size})",
+        )
+        _require(
+            len(self.crop_area) == 2 and 0 < self.crop_area[0] <= self.crop_area[1] <= 1,
+            f"data.crop_area must be [min, max] with 0 < min <= max <= 1, got {self.crop_area}",
+        )
+        _require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _require(
+            self.val_batch_size >= 0,
+            f"data.val_batch_size must be >= 0, got {self.val_batch_size}",
+        )
+        _require(self.workers >= 0, f"data.workers must be >= 0, got {self.workers}")
+        _require(self.prefetch >= 1, f"data.prefetch must be >= 1, got {self.prefetch}")
+        _require(
+            len(self.mean) == 3 and len(self.std) == 3,
+            "data.mean and data.std need 3 values (R, G, B)",
+        )
+        _require(all(v > 0 for v in self.std), f"data.std must be positive, got {self.std}")
 
 
 @dataclass
@@ -183,6 +261,18 @@ class LossConfig:
         default=0.0,
     )
 
+    def __post_init__(self) -> None:
+        # The loss functions check tau again for library callers; this names the config key.
+        _require(self.tau > 0, f"loss.tau must be > 0, got {self.tau}")
+        _require(
+            self.loss_weight >= 0 and self.ce_weight >= 0,
+            "loss.loss_weight and loss.ce_weight must be >= 0",
+        )
+        _require(
+            0.0 <= self.label_smoothing < 1.0,
+            f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}",
+        )
+
 
 @dataclass
 class OptimConfig:
@@ -198,6 +288,16 @@ class OptimConfig:
     fused: Literal["auto", "torch", "apex", "off"] = _doc(
         "fused SGD step: torch's where supported (auto), apex FusedSGD, or off", default="auto"
     )
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _require(
+            self.momentum >= 0 and self.weight_decay >= 0,
+            "optim.momentum and optim.weight_decay must be >= 0",
+        )
+        _require(
+            not (self.nesterov and self.momentum == 0), "optim.nesterov needs optim.momentum > 0"
+        )
 
 
 @dataclass
@@ -215,6 +315,37 @@ class SchedConfig:
         "linear warmup length in epochs (fractions allowed); 0 = none", default=0.0
     )
     warmup_start_factor: float = _doc("warmup starts at lr x this factor", default=0.1)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.warmup_epochs >= 0, f"sched.warmup_epochs must be >= 0, got {self.warmup_epochs}"
+        )
+        _require(0 < self.warmup_start_factor <= 1, "sched.warmup_start_factor must be in (0, 1]")
+        _require(all(m >= 0 for m in self.milestones), "sched.milestones must be >= 0")
+        _require(
+            self.milestones == sorted(self.milestones),
+            f"sched.milestones must be increasing, got {self.milestones}",
+        )
+
+
+@dataclass
+class ProfileConfig:
+    enabled: bool = _doc(
+        "torch.profiler over a few steps of the first epoch: run.dir/profile/ gets a Chrome/Perfetto "
+        "trace and the top operators/kernels (table and JSON), per rank",
+        default=False,
+    )
+    skip: int = _doc(
+        "steps before profiling starts (>= 1: the first step compiles and warms up)", default=5
+    )
+    steps: int = _doc("steps recorded (a shorter first epoch records what it has)", default=5)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.skip >= 1,
+            f"train.profile.skip must be >= 1 (the first step compiles), got {self.skip}",
+        )
+        _require(self.steps >= 1, f"train.profile.steps must be >= 1, got {self.steps}")
 
 
 @dataclass
@@ -243,20 +374,20 @@ class TrainConfig:
         "cap on steps per epoch; 0 = the full epoch (smoke tests, benchmarks)", default=0
     )
     sync_bn: bool = _doc("SyncBatchNorm for the student under DDP", default=False)
-    profile: bool = _doc(
-        "torch.profiler over a few steps of the first epoch: run.dir/profile/ gets a Chrome/Perfetto "
-        "trace and the top operators/kernels (table and JSON), per rank",
-        default=False,
+    profile: ProfileConfig = _doc(
+        "torch.profiler over a few steps (fastkd/profiling.py)", default_factory=ProfileConfig
     )
-    profile_skip: int = _doc(
-        "steps before profiling starts (>= 1: the first step compiles and warms up)", default=5
-    )
-    profile_steps: int = _doc("steps recorded by train.profile", default=5)
     nvtx: bool = _doc(
         "NVTX ranges around each step's phases (fastkd/teacher, student_forward, loss, backward, "
         "optimizer) for Nsight Systems (nsys profile --trace=cuda,nvtx); free when no tool listens",
         default=False,
     )
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _require(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _require(self.eval_every >= 1, f"train.eval_every must be >= 1, got {self.eval_every}")
+        _require(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch must be >= 0")
 
 
 @dataclass
@@ -269,6 +400,24 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """Check what a run needs beyond each section's own ranges; raise `ConfigError` if not met.
+
+        Each section checks its own fields in ``__post_init__``, so it is in range however it
+        was made (from YAML, or in code by tests and benchmarks). Two kinds of check cannot live
+        there and come here: checks across sections, and requirements that a
+        default misses on purpose. ``data.root`` has no sensible default, yet ``Config()`` and
+        ``DataConfig()`` must stay constructible (tests, benchmarks, `describe`), so its check
+        waits until here. `from_dict`, and so `load_config`, calls this: every config read from
+        YAML or overrides has passed it.
+        """
+        _require(bool(self.data.root), DATA_ROOT_EMPTY)
+        _require(
+            self.loss.kind == "ce" or bool(self.teacher.weights),
+            f"teacher.weights is empty but loss.kind={self.loss.kind} needs a trained teacher: "
+            "pass a state dict / fastkd checkpoint path or torchvision:WEIGHTS_NAME",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,6 +524,7 @@ def load_yaml_tree(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str,
         raise ConfigError(f"_base_ inheritance cycle: {cycle}")
     data = _read_yaml(path)
     bases = data.pop("_base_", [])
+    data = _rename_deprecated(data, f" in {path}")
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
@@ -383,6 +533,106 @@ def load_yaml_tree(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str,
     for base in bases:
         merged = deep_merge(merged, load_yaml_tree(path.parent / base, (*_chain, path)))
     return deep_merge(merged, data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Renamed keys
+# ---------------------------------------------------------------------------------------------
+
+# Backend-specific keys grouped into sections: old dotted key -> new dotted key. The old keys are
+# read for one release, each with a FutureWarning, and never written (config.yaml,
+# --print-config and `describe` know the new keys only).
+RENAMED_KEYS: dict[str, str] = {
+    "data.dali_device": "data.dali.device",
+    "data.hw_decoder_load": "data.dali.hw_decoder_load",
+    "data.dali_preallocate": "data.dali.preallocate",
+    "train.profile": "train.profile.enabled",
+    "train.profile_skip": "train.profile.skip",
+    "train.profile_steps": "train.profile.steps",
+}
+_OLD_KEYS: dict[str, str] = {new: old for old, new in RENAMED_KEYS.items()}
+
+
+def _is_old_key(key: str, value: Any) -> bool:
+    """Whether ``value`` given at dotted ``key`` is an old key's value.
+
+    ``train.profile`` is both the old bool and the new section: a mapping (or nothing) given
+    there is the section.
+    """
+    new = RENAMED_KEYS.get(key)
+    if new is None:
+        return False
+    return not (new.startswith(key + ".") and (value is None or isinstance(value, dict)))
+
+
+def _leaf_type(key: str) -> Any:
+    tp: Any = Config
+    for part in key.split("."):
+        tp = _field_types(tp)[part]
+    return tp
+
+
+def _check_same_value(old: str, old_value: Any, new_value: Any, where: str) -> None:
+    """A `ConfigError` naming both keys when an old key and its new key disagree."""
+    new = RENAMED_KEYS[old]
+    tp = _leaf_type(new)
+    if _coerce(old_value, tp, old) != _coerce(new_value, tp, new):
+        raise ConfigError(
+            f"{old} (deprecated) and {new} are both given{where}, with different values "
+            f"({old_value!r} and {new_value!r}): keep {new} only"
+        )
+
+
+def _warn_renamed(old: str, where: str) -> None:
+    warnings.warn(
+        f"config key {old} is deprecated{where}: write {RENAMED_KEYS[old]} instead (the old key "
+        "stops working in the next release)",
+        FutureWarning,
+        stacklevel=3,
+    )
+
+
+def _rename_deprecated(tree: dict[str, Any], where: str) -> dict[str, Any]:
+    """``tree`` (one file's mapping, or one given to `from_dict`) with old keys at their new places.
+
+    Each old key found warns once; an old key next to its new key with another value is a
+    `ConfigError` naming both. ``tree`` itself is left unchanged.
+    """
+    found = []
+    for old in RENAMED_KEYS:
+        *parents, leaf = old.split(".")
+        section: Any = tree
+        for part in parents:
+            section = section.get(part) if isinstance(section, dict) else None
+        if isinstance(section, dict) and leaf in section and _is_old_key(old, section[leaf]):
+            found.append((parents, leaf, old))
+    if not found:
+        return tree
+    tree = copy.deepcopy(tree)
+    for parents, leaf, old in found:
+        value = _section_at(tree, parents, where).pop(leaf)
+        *new_parents, new_leaf = RENAMED_KEYS[old].split(".")
+        section = _section_at(tree, new_parents, where)
+        if new_leaf in section:
+            _check_same_value(old, value, section[new_leaf], where)
+        else:
+            section[new_leaf] = value
+        _warn_renamed(old, where)
+    return tree
+
+
+def _section_at(tree: dict[str, Any], parts: list[str], where: str) -> dict[str, Any]:
+    """The mapping at ``parts`` in ``tree``, created where missing."""
+    section = tree
+    for depth, part in enumerate(parts):
+        child = section.get(part)
+        if child is None:
+            child = section[part] = {}
+        if not isinstance(child, dict):
+            key = ".".join(parts[: depth + 1])
+            raise ConfigError(f"{key}: expected a mapping of keys{where}, got {child!r}")
+        section = child
+    return section
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,10 +662,27 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``dotted.key=value`` overrides to a raw mapping (validation happens afterwards)."""
+    """Apply ``dotted.key=value`` overrides to a raw mapping (validation happens afterwards).
+
+    An old key (`RENAMED_KEYS`) sets its new key, with a warning; an old key and its new key
+    both among the overrides with different values are a `ConfigError`.
+    """
     tree = dict(tree)
+    # Values given to each renamed key under its old and under its new name, by new name.
+    as_old: dict[str, Any] = {}
+    as_new: dict[str, Any] = {}
     for text in overrides:
         parts, value = parse_override(text)
+        key = ".".join(parts)
+        if _is_old_key(key, value):
+            _warn_renamed(key, f" in override {text!r}")
+            key = RENAMED_KEYS[key]
+            parts = key.split(".")
+            as_old[key] = value
+        elif key in _OLD_KEYS:
+            as_new[key] = value
+        if key in as_old and key in as_new:
+            _check_same_value(_OLD_KEYS[key], as_old[key], as_new[key], " as overrides")
         node = tree
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -543,94 +810,10 @@ def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
     return cls(**kwargs)
 
 
-def _check_ranges(cfg: Config) -> None:
-    """Cross-field and range checks that types alone cannot express."""
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
-
-    d, s = cfg.data, cfg.data.synthetic
-    need(d.image_size >= 8, f"data.image_size must be >= 8, got {d.image_size}")
-    need(
-        d.val_resize >= d.image_size,
-        f"data.val_resize ({d.val_resize}) must be >= data.image_size ({d.image_size})",
-    )
-    need(
-        len(d.crop_area) == 2 and 0 < d.crop_area[0] <= d.crop_area[1] <= 1,
-        f"data.crop_area must be [min, max] with 0 < min <= max <= 1, got {d.crop_area}",
-    )
-    need(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
-    need(d.val_batch_size >= 0, f"data.val_batch_size must be >= 0, got {d.val_batch_size}")
-    need(d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
-    need(d.prefetch >= 1, f"data.prefetch must be >= 1, got {d.prefetch}")
-    need(len(d.mean) == 3 and len(d.std) == 3, "data.mean and data.std need 3 values (R, G, B)")
-    need(all(v > 0 for v in d.std), f"data.std must be positive, got {d.std}")
-    need(
-        0.0 <= d.hw_decoder_load <= 1.0,
-        f"data.hw_decoder_load must be in [0, 1], got {d.hw_decoder_load}",
-    )
-    need(s.num_classes >= 2, f"data.synthetic.num_classes must be >= 2, got {s.num_classes}")
-    need(
-        s.train_per_class >= 1 and s.val_per_class >= 1,
-        "data.synthetic.train_per_class and val_per_class must be >= 1",
-    )
-    need(s.image_size >= 16, f"data.synthetic.image_size must be >= 16, got {s.image_size}")
-    need(
-        bool(d.root),
-        "data.root is empty: set it to an ImageFolder root (e.g. data.root=/data/imagenet)",
-    )
-    need(cfg.loss.tau > 0, f"loss.tau must be > 0, got {cfg.loss.tau}")
-    need(
-        cfg.loss.loss_weight >= 0 and cfg.loss.ce_weight >= 0,
-        "loss.loss_weight and loss.ce_weight must be >= 0",
-    )
-    need(
-        0.0 <= cfg.loss.label_smoothing < 1.0,
-        f"loss.label_smoothing must be in [0, 1), got {cfg.loss.label_smoothing}",
-    )
-    need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
-    need(
-        cfg.optim.momentum >= 0 and cfg.optim.weight_decay >= 0,
-        "optim.momentum and optim.weight_decay must be >= 0",
-    )
-    need(
-        not (cfg.optim.nesterov and cfg.optim.momentum == 0),
-        "optim.nesterov needs optim.momentum > 0",
-    )
-    need(
-        cfg.sched.warmup_epochs >= 0,
-        f"sched.warmup_epochs must be >= 0, got {cfg.sched.warmup_epochs}",
-    )
-    need(0 < cfg.sched.warmup_start_factor <= 1, "sched.warmup_start_factor must be in (0, 1]")
-    need(all(m >= 0 for m in cfg.sched.milestones), "sched.milestones must be >= 0")
-    need(
-        cfg.sched.milestones == sorted(cfg.sched.milestones),
-        f"sched.milestones must be increasing, got {cfg.sched.milestones}",
-    )
-    need(cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}")
-    need(cfg.train.log_every >= 1, f"train.log_every must be >= 1, got {cfg.train.log_every}")
-    need(cfg.train.eval_every >= 1, f"train.eval_every must be >= 1, got {cfg.train.eval_every}")
-    need(cfg.train.max_steps_per_epoch >= 0, "train.max_steps_per_epoch must be >= 0")
-    need(
-        cfg.train.profile_skip >= 1,
-        f"train.profile_skip must be >= 1 (the first step compiles), got {cfg.train.profile_skip}",
-    )
-    need(
-        cfg.train.profile_steps >= 1,
-        f"train.profile_steps must be >= 1, got {cfg.train.profile_steps}",
-    )
-    need(bool(cfg.run.dir), "run.dir is empty: name the folder the run writes to")
-    need(
-        cfg.run.setup_timeout_min >= 1,
-        f"run.setup_timeout_min must be >= 1, got {cfg.run.setup_timeout_min}",
-    )
-
-
 def from_dict(tree: dict[str, Any], where: str = "") -> Config:
     """Validate a raw mapping into a `Config` (raises `ConfigError` naming the bad key)."""
-    cfg = _build(Config, tree, "", where)
-    _check_ranges(cfg)
+    cfg = _build(Config, _rename_deprecated(tree, where), "", where)
+    cfg.validate()
     return cfg
 
 

@@ -340,7 +340,7 @@ class TrainState:
     meter: TrainMeter
     global_step: int = 0
     optimizer_name: str = ""
-    profiler: StepProfiler | None = None  # train.profile, until its steps are recorded
+    profiler: StepProfiler | None = None  # train.profile.enabled, until its steps are recorded
 
 
 # The step's phases, in order: named in the profiler's trace and NVTX as ``fastkd/<phase>``.

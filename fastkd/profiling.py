@@ -1,7 +1,7 @@
 """Profiling a few training steps with ``torch.profiler``: a trace to open, a table to read.
 
-``train.profile=true`` records ``train.profile_steps`` steps of the first epoch, after skipping
-``train.profile_skip`` (the first step compiles and warms up; never profile it), and writes
+``train.profile.enabled=true`` records ``train.profile.steps`` steps of the first epoch, after
+skipping ``train.profile.skip`` (the first step compiles and warms up; never profile it), and writes
 under ``run.dir/profile/`` (one set per rank, ``rank{R}`` in the names):
 
 * ``trace_rank0.json``: the Chrome / Perfetto trace (open in https://ui.perfetto.dev or

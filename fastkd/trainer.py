@@ -401,10 +401,10 @@ def _log_flops(flops_per_image: float, peak_flops: float | None, precision: Prec
 
 
 def _build_profiler(cfg: Config, dist: DistInfo) -> StepProfiler | None:
-    if not cfg.train.profile:
+    if not cfg.train.profile.enabled:
         return None
     out_dir = Path(cfg.run.dir) / "profile"
-    skip, steps = cfg.train.profile_skip, cfg.train.profile_steps
+    skip, steps = cfg.train.profile.skip, cfg.train.profile.steps
     log.info("profiling steps %d-%d of the first epoch into %s", skip + 1, skip + steps, out_dir)
     return StepProfiler(out_dir, skip=skip, steps=steps, device=dist.device, rank=dist.rank)
 

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from pathlib import Path
 
 import pytest
 import yaml
 
 from fastkd.config import (
+    DATA_ROOT_EMPTY,
+    RENAMED_KEYS,
     Config,
     ConfigError,
+    DaliConfig,
+    DataConfig,
+    LossConfig,
+    OptimConfig,
+    ProfileConfig,
+    RunConfig,
+    SchedConfig,
+    SyntheticConfig,
+    TrainConfig,
+    deep_merge,
     describe,
+    dump_yaml,
     from_dict,
     load_config,
     parse_override,
@@ -202,7 +217,7 @@ def test_unknown_key_in_file(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "override, fragment",
+    "overrides, fragment",
     [
         ("data.batch_size=abc", "data.batch_size"),
         ("data.batch_size=1.5", "data.batch_size"),
@@ -210,23 +225,104 @@ def test_unknown_key_in_file(tmp_path):
         ("data.backend=dalli", "did you mean 'dali'"),
         ("loss.kind=wsdl", "loss.kind"),
         ("train.amp=fp8", "train.amp"),
-        ("data.batch_size=0", "data.batch_size must be >= 1"),
-        ("loss.tau=0", "loss.tau"),
-        ("sched.milestones=[60,30]", "increasing"),
+        ("data.dali.device=tpu", "data.dali.device: 'tpu' is not one of"),
+        ("train.profile.enabled=maybe", "train.profile.enabled: expected bool"),
         ("sched.milestones=5", "sched.milestones"),
-        ("data.val_resize=16", "data.val_resize"),
         ("data.root=", "data.root is empty"),
-        ("optim.lr=-1", "optim.lr"),
-        ("train.profile_skip=0", "train.profile_skip must be >= 1"),
-        ("train.profile_steps=0", "train.profile_steps must be >= 1"),
+        # Every range check of every section, each naming its key.
+        ("run.dir=", "run.dir is empty"),
         ("run.setup_timeout_min=0", "run.setup_timeout_min must be >= 1"),
+        ("data.image_size=4", "data.image_size must be >= 8"),
+        ("data.val_resize=16", "data.val_resize (16) must be >= data.image_size (224)"),
+        ("data.crop_area=[0.5,0.2]", "data.crop_area must be [min, max]"),
+        ("data.crop_area=[0.1]", "data.crop_area must be [min, max]"),
+        ("data.crop_area=[0,1]", "data.crop_area must be [min, max]"),
+        ("data.batch_size=0", "data.batch_size must be >= 1"),
+        ("data.val_batch_size=-1", "data.val_batch_size must be >= 0"),
+        ("data.workers=-1", "data.workers must be >= 0"),
+        ("data.prefetch=0", "data.prefetch must be >= 1"),
+        ("data.mean=[1,2]", "data.mean and data.std need 3 values"),
+        ("data.std=[1,0,1]", "data.std must be positive"),
+        ("data.dali.hw_decoder_load=1.5", "data.dali.hw_decoder_load must be in [0, 1]"),
+        ("data.synthetic.num_classes=1", "data.synthetic.num_classes must be >= 2"),
+        ("data.synthetic.val_per_class=0", "data.synthetic.train_per_class and val_per_class"),
+        ("data.synthetic.image_size=8", "data.synthetic.image_size must be >= 16"),
+        ("loss.tau=0", "loss.tau must be > 0"),
+        ("loss.tau=-2", "loss.tau must be > 0"),
+        ("loss.loss_weight=-1", "loss.loss_weight and loss.ce_weight must be >= 0"),
+        ("loss.ce_weight=-1", "loss.loss_weight and loss.ce_weight must be >= 0"),
+        ("loss.label_smoothing=1", "loss.label_smoothing must be in [0, 1)"),
+        ("optim.lr=-1", "optim.lr must be > 0"),
+        ("optim.momentum=-0.5", "optim.momentum and optim.weight_decay must be >= 0"),
+        ("optim.weight_decay=-1", "optim.momentum and optim.weight_decay must be >= 0"),
+        ("optim.nesterov=true optim.momentum=0", "optim.nesterov needs optim.momentum > 0"),
+        ("sched.warmup_epochs=-1", "sched.warmup_epochs must be >= 0"),
+        ("sched.warmup_start_factor=0", "sched.warmup_start_factor must be in (0, 1]"),
+        ("sched.milestones=[-1,5]", "sched.milestones must be >= 0"),
+        ("sched.milestones=[60,30]", "sched.milestones must be increasing"),
+        ("train.epochs=0", "train.epochs must be >= 1"),
+        ("train.log_every=0", "train.log_every must be >= 1"),
+        ("train.eval_every=0", "train.eval_every must be >= 1"),
+        ("train.max_steps_per_epoch=-1", "train.max_steps_per_epoch must be >= 0"),
+        ("train.profile.skip=0", "train.profile.skip must be >= 1"),
+        ("train.profile.steps=0", "train.profile.steps must be >= 1"),
     ],
 )
-def test_bad_values_fail_naming_the_key(tmp_path, override, fragment):
+def test_bad_values_fail_naming_the_key(tmp_path, overrides, fragment):
     path = write(tmp_path / "a.yaml", {"data": {"root": "/x"}})
-    with pytest.raises(ConfigError, match=None) as info:
-        load_config(path, [override])
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides.split())
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda: RunConfig(dir=""), "run.dir is empty"),
+        (lambda: DataConfig(batch_size=0), "data.batch_size must be >= 1"),
+        (lambda: DataConfig(image_size=300), "data.val_resize (256) must be >= data.image_size"),
+        (lambda: DaliConfig(hw_decoder_load=-0.1), "data.dali.hw_decoder_load must be in [0, 1]"),
+        (lambda: SyntheticConfig(image_size=8), "data.synthetic.image_size must be >= 16"),
+        (lambda: LossConfig(tau=0.0), "loss.tau must be > 0"),
+        (lambda: OptimConfig(nesterov=True, momentum=0.0), "optim.nesterov needs"),
+        (lambda: SchedConfig(milestones=[3, 2]), "sched.milestones must be increasing"),
+        (lambda: TrainConfig(epochs=0), "train.epochs must be >= 1"),
+        (lambda: ProfileConfig(steps=0), "train.profile.steps must be >= 1"),
+        (lambda: dataclasses.replace(LossConfig(), label_smoothing=1.5), "loss.label_smoothing"),
+    ],
+)
+def test_sections_check_their_fields_when_built_in_code(make, fragment):
+    with pytest.raises(ConfigError) as info:
+        make()
+    assert fragment in str(info.value)
+
+
+def test_defaults_construct_and_a_run_needs_data_root():
+    """Config() and DataConfig() stay constructible (empty data.root on purpose); validate(),
+    which from_dict calls, asks for data.root."""
+    assert Config().data == DataConfig() and DataConfig().root == ""
+    with pytest.raises(ConfigError, match="data.root is empty"):
+        Config().validate()
+    with pytest.raises(ConfigError, match="data.root is empty"):
+        from_dict({})
+    from_dict({"data": {"root": "/x"}}).validate()
+
+
+def test_empty_data_root_reads_the_same_everywhere(tmp_path, monkeypatch):
+    """One message for the config, the folder scan and the synthetic set (a DataConfig built in
+    code never met the config's check)."""
+    from fastkd.data.folder import DataError, scan_imagefolder
+    from fastkd.data.synthetic import prepare_synthetic
+
+    with pytest.raises(ConfigError) as from_config:
+        from_dict({"data": {"root": ""}})
+    with pytest.raises(DataError) as from_scan:
+        scan_imagefolder("")
+    monkeypatch.chdir(tmp_path)  # were the check missing, the set would land in the cwd
+    with pytest.raises(DataError) as from_synthetic:
+        prepare_synthetic(DataConfig(synthetic=SyntheticConfig(enabled=True)))
+    assert str(from_config.value) == str(from_scan.value) == str(from_synthetic.value)
+    assert str(from_config.value) == DATA_ROOT_EMPTY and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("bad", ["noequals", "=3", "a..b=1"])
@@ -302,3 +398,190 @@ def test_shipped_configs_load(name):
 def test_from_dict_rejects_non_mapping_section():
     with pytest.raises(ConfigError, match="data"):
         from_dict({"data": [1, 2]})
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys renamed into sections: read for one release with a warning, never written
+# ---------------------------------------------------------------------------------------------
+
+OLD_KEYS_TREE = {
+    "data": {"root": "/x", "dali_device": "cpu", "hw_decoder_load": 0.3, "dali_preallocate": False},
+    "train": {"profile": True, "profile_skip": 2, "profile_steps": 3},
+}
+OLD_KEYS_OVERRIDES = [
+    "data.dali_device=cpu",
+    "data.hw_decoder_load=0.3",
+    "data.dali_preallocate=false",
+    "train.profile=true",
+    "train.profile_skip=2",
+    "train.profile_steps=3",
+]
+NEW_KEYS_OVERRIDES = [
+    "data.dali.device=cpu",
+    "data.dali.hw_decoder_load=0.3",
+    "data.dali.preallocate=false",
+    "train.profile.enabled=true",
+    "train.profile.skip=2",
+    "train.profile.steps=3",
+]
+
+
+def _deprecations(record: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, FutureWarning)]
+
+
+def _assert_one_warning_per_old_key(messages: list[str], where: str) -> None:
+    assert len(messages) == len(RENAMED_KEYS), messages
+    for old, new in RENAMED_KEYS.items():
+        (message,) = [m for m in messages if m.startswith(f"config key {old} is deprecated")]
+        assert f"write {new} instead" in message and where in message
+
+
+def _load_quietly(path: Path, overrides: list[str] | None = None) -> Config:
+    """load_config, failing on any warning (new keys are read without one)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return load_config(path, overrides)
+
+
+def test_old_keys_in_a_file_map_to_the_new_keys_with_a_warning(tmp_path):
+    path = write(tmp_path / "old.yaml", OLD_KEYS_TREE)
+    with pytest.warns(FutureWarning) as record:
+        cfg = load_config(path)
+    _assert_one_warning_per_old_key(_deprecations(record), f"in {path}")
+    expected = _load_quietly(
+        write(tmp_path / "a.yaml", {"data": {"root": "/x"}}), NEW_KEYS_OVERRIDES
+    )
+    assert cfg == expected
+    assert cfg.data.dali == DaliConfig(device="cpu", hw_decoder_load=0.3, preallocate=False)
+    assert cfg.train.profile == ProfileConfig(enabled=True, skip=2, steps=3)
+
+
+def test_old_keys_as_overrides_map_to_the_new_keys_with_a_warning(tmp_path):
+    path = write(tmp_path / "a.yaml", {"data": {"root": "/x"}, "train": {"profile": {"skip": 4}}})
+    with pytest.warns(FutureWarning) as record:
+        cfg = load_config(path, OLD_KEYS_OVERRIDES)
+    messages = _deprecations(record)
+    _assert_one_warning_per_old_key(messages, "in override")
+    assert any("in override 'train.profile=true'" in m for m in messages)
+    assert cfg == _load_quietly(path, NEW_KEYS_OVERRIDES)
+    # train.profile=true sets train.profile.enabled only: the file's train.profile.skip stays.
+    with pytest.warns(FutureWarning, match="train.profile is deprecated"):
+        assert load_config(path, ["train.profile=true"]).train.profile == ProfileConfig(
+            enabled=True, skip=4
+        )
+
+
+def test_old_keys_given_to_from_dict_are_mapped_too():
+    with pytest.warns(FutureWarning, match="data.dali_device is deprecated"):
+        assert from_dict({"data": {"root": "/x", "dali_device": "gpu"}}).data.dali.device == "gpu"
+
+
+def test_old_key_and_new_key_follow_the_usual_precedence(tmp_path):
+    """Each file is mapped before the _base_ merge: a child's new key overrides a base's old
+    key, and an override (old or new) overrides the file, as any key would."""
+    write(tmp_path / "base.yaml", {"data": {"root": "/x", "dali_device": "cpu"}})
+    child = write(
+        tmp_path / "child.yaml", {"_base_": "base.yaml", "data": {"dali": {"device": "gpu"}}}
+    )
+    with pytest.warns(FutureWarning, match="data.dali_device is deprecated in .*base.yaml"):
+        assert load_config(child).data.dali.device == "gpu"
+    new_file = write(tmp_path / "new.yaml", {"data": {"root": "/x", "dali": {"device": "gpu"}}})
+    with pytest.warns(FutureWarning):
+        assert load_config(new_file, ["data.dali_device=cpu"]).data.dali.device == "cpu"
+
+
+@pytest.mark.parametrize(
+    "old, tree",
+    [
+        ("data.dali_device", {"data": {"dali_device": "cpu", "dali": {"device": "gpu"}}}),
+        (
+            "data.hw_decoder_load",
+            {"data": {"hw_decoder_load": 0.3, "dali": {"hw_decoder_load": 1}}},
+        ),
+        (
+            "data.dali_preallocate",
+            {"data": {"dali_preallocate": False, "dali": {"preallocate": "on"}}},
+        ),
+        ("train.profile_steps", {"train": {"profile_steps": 3, "profile": {"steps": 4}}}),
+    ],
+)
+def test_old_and_new_key_with_different_values_in_one_file_is_an_error(tmp_path, old, tree):
+    path = write(tmp_path / "a.yaml", deep_merge({"data": {"root": "/x"}}, tree))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert f"{old} (deprecated) and {RENAMED_KEYS[old]} are both given in {path}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["train.profile=true", "train.profile.enabled=false"],
+        ["train.profile.skip=3", "train.profile_skip=2"],
+        ["data.dali_device=cpu", "data.dali.device=gpu"],
+    ],
+)
+def test_old_and_new_key_with_different_values_as_overrides_is_an_error(tmp_path, overrides):
+    path = write(tmp_path / "a.yaml", {"data": {"root": "/x"}})
+    old = next(o.split("=")[0] for o in overrides if o.split("=")[0] in RENAMED_KEYS)
+    with pytest.raises(ConfigError) as info, pytest.warns(FutureWarning):
+        load_config(path, overrides)
+    assert f"{old} (deprecated) and {RENAMED_KEYS[old]} are both given" in str(info.value)
+
+
+def test_old_and_new_key_with_the_same_value_only_warn(tmp_path):
+    tree = {"data": {"root": "/x", "dali_preallocate": "no", "dali": {"preallocate": False}}}
+    with pytest.warns(FutureWarning, match="data.dali_preallocate is deprecated"):
+        assert load_config(write(tmp_path / "a.yaml", tree)).data.dali.preallocate is False
+    path = write(tmp_path / "b.yaml", {"data": {"root": "/x"}})
+    with pytest.warns(FutureWarning, match="train.profile_steps is deprecated"):
+        cfg = load_config(path, ["train.profile_steps=3", "train.profile.steps=3"])
+    assert cfg.train.profile.steps == 3
+
+
+def test_old_keys_are_range_checked_under_their_new_names(tmp_path):
+    path = write(tmp_path / "a.yaml", {"data": {"root": "/x"}})
+    for override, message in [
+        ("data.hw_decoder_load=2", "data.dali.hw_decoder_load must be in [0, 1]"),
+        ("train.profile_skip=0", "train.profile.skip must be >= 1"),
+        ("train.profile_steps=0", "train.profile.steps must be >= 1"),
+        ("data.dali_device=tpu", "data.dali.device: 'tpu' is not one of"),
+    ]:
+        with pytest.raises(ConfigError) as info, pytest.warns(FutureWarning):
+            load_config(path, [override])
+        assert message in str(info.value)
+
+
+def test_written_config_has_the_new_keys_only(tmp_path):
+    """config.yaml and --print-config (both dump_yaml(to_dict(cfg))) write the new sections;
+    they read back equal, without a warning."""
+    with pytest.warns(FutureWarning):
+        cfg = load_config(write(tmp_path / "old.yaml", OLD_KEYS_TREE))
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert written == yaml.safe_load(dump_yaml(to_dict(cfg)))
+    assert written["data"]["dali"] == {
+        "device": "cpu",
+        "hw_decoder_load": 0.3,
+        "preallocate": False,
+    }
+    assert written["train"]["profile"] == {"enabled": True, "skip": 2, "steps": 3}
+    assert {"dali_device", "hw_decoder_load", "dali_preallocate"}.isdisjoint(written["data"])
+    assert {"profile_skip", "profile_steps"}.isdisjoint(written["train"])
+    assert _load_quietly(tmp_path / "run" / "config.yaml") == cfg
+
+
+def test_describe_lists_the_new_keys_only():
+    keys = {row[0] for row in describe()}
+    assert set(RENAMED_KEYS.values()) <= keys
+    assert keys.isdisjoint(RENAMED_KEYS)
+
+
+@pytest.mark.parametrize("kind", ["wsld", "kd"])
+def test_distillation_without_teacher_weights_fails_at_load(kind):
+    """A kd/wsld run without teacher weights stops when the config is read, not after the data
+    scan; a ce run (teachers, baselines) needs none."""
+    with pytest.raises(ConfigError, match=f"teacher.weights is empty but loss.kind={kind}"):
+        from_dict({"data": {"root": "x"}, "loss": {"kind": kind}, "teacher": {"weights": ""}})
+    cfg = from_dict({"data": {"root": "x"}, "loss": {"kind": "ce"}, "teacher": {"weights": ""}})
+    assert cfg.teacher.weights == ""

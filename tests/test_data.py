@@ -290,7 +290,7 @@ def test_gpu_pipeline_is_well_formed_without_a_gpu(make_data_config, split):
     from fastkd.data.dali import _PlanSource
 
     build = build_train_loader if split == "train" else build_val_loader
-    cfg = make_data_config(backend="dali", hw_decoder_load=0.5, prefetch=3, workers=3)
+    cfg = make_data_config(backend="dali", dali={"hw_decoder_load": 0.5}, prefetch=3, workers=3)
     loader = build(cfg, device=torch.device("cuda", 1), dtype=torch.float16)
     assert loader.backend == "dali-gpu"
     assert loader._runtime_kwargs == dict(
@@ -316,18 +316,19 @@ def test_gpu_pipeline_is_well_formed_without_a_gpu(make_data_config, split):
     gpu_bytes, pinned_bytes = decoder_padding_bytes(8)  # what the README's memory note says
     assert round(gpu_bytes / 2**30, 2) == 1.57 and round(pinned_bytes / 2**30, 2) == 2.09
     plain = build(
-        make_data_config(backend="dali", dali_preallocate=False), device=torch.device("cuda", 0)
+        make_data_config(backend="dali", dali={"preallocate": False}),
+        device=torch.device("cuda", 0),
     )
     assert set(plain._pipeline_kwargs["decoder_args"]) == (
         {"hw_decoder_load"} if split == "train" else {"hw_decoder_load", "jpeg_fancy_upsampling"}
     )
     on_cpu = build(
-        make_data_config(backend="dali", dali_device="cpu"), device=torch.device("cuda", 0)
+        make_data_config(backend="dali", dali={"device": "cpu"}), device=torch.device("cuda", 0)
     )
     assert on_cpu.backend == "dali-cpu" and on_cpu._runtime_kwargs["device_id"] is None
     assert on_cpu._pipeline_kwargs["decoder_args"] == {}
-    with pytest.raises(DataError, match="dali_device=gpu needs a CUDA device"):
-        build(make_data_config(backend="dali", dali_device="gpu"), device=CPU)
+    with pytest.raises(DataError, match=r"data\.dali\.device=gpu needs a CUDA device"):
+        build(make_data_config(backend="dali", dali={"device": "gpu"}), device=CPU)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

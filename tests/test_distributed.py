@@ -98,7 +98,7 @@ def _torchrun() -> str:
 def test_torchrun_two_ranks(nodes, tiny_imagefolder, tmp_path):
     config = _write_config(
         tmp_path, tiny_imagefolder, tmp_path / "run", "wsld", epochs=2, log_every=1,
-        profile=True, profile_skip=1, profile_steps=1,
+        profile={"enabled": True, "skip": 1, "steps": 1},
     )  # fmt: skip
     torchrun = _torchrun()
     scans = tmp_path / "scans.log"

@@ -649,6 +649,13 @@ def test_kd_loss():
         kd_loss(student, teacher[:, :-1])
 
 
+@pytest.mark.parametrize("tau", [0.0, -1.0, float("inf"), float("nan")])
+def test_kd_loss_bad_tau_raises(tau):
+    student, teacher, _ = make_batch(2, 3)
+    with pytest.raises(ValueError, match="tau must be a positive finite number"):
+        kd_loss(student, teacher, tau=tau)
+
+
 def test_env_capability_validation(monkeypatch):
     if not HAVE_FUSED:
         pytest.skip("fastkd._C is not built")

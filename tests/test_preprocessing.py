@@ -84,7 +84,7 @@ def _config(root: Path, backend: str, **data) -> DataConfig:
     base = {
         "root": str(root),
         "backend": backend,
-        "dali_device": "cpu",
+        "dali": {"device": "cpu"},
         "image_size": 8,
         "val_resize": 10,
         "batch_size": 2,

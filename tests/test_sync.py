@@ -65,7 +65,11 @@ def epoch_reads(
         warnings.filterwarnings("ignore", message="teacher uses random weights")
         models = build_models(cfg, CLASSES, dist)
     state = build_train_state(
-        cfg, models, dist=dist, precision=precision, steps_per_epoch=STEPS,
+        cfg,
+        models,
+        dist=dist,
+        precision=precision,
+        steps_per_epoch=STEPS,
         metrics=MetricsWriter(tmp_path, enabled=False),
     )
     assert state.scaler.is_enabled() == precision.use_scaler

@@ -197,3 +197,7 @@ def test_command_line(tmp_path, capsys):
     assert synthetic.main([*argv[:-1], "32"]) == 2  # same folder, other size: refused
     assert "other parameters" in capsys.readouterr().err
     assert MARKER_NAME in os.listdir(out)
+    # SyntheticConfig checks its own ranges: a one-line error, nothing written.
+    assert synthetic.main(["--out", str(tmp_path / "bad"), "--image-size", "8"]) == 2
+    assert "data.synthetic.image_size must be >= 16" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -140,9 +140,7 @@ def test_profile_writes_trace_and_top_ops(
         loss={"kind": "wsld"},
         train={
             "epochs": 2,
-            "profile": True,
-            "profile_skip": 1,
-            "profile_steps": profile_steps,
+            "profile": {"enabled": True, "skip": 1, "steps": profile_steps},
             "nvtx": nvtx,
         },
     )
@@ -351,6 +349,10 @@ def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
         (["data.root=/nonexistent/imagenet"], "/nonexistent/imagenet"),
         (["student.arch=resnet19"], "resnet19"),
         (["loss.kind=wsld", "teacher.weights=/nonexistent/teacher.pt"], "/nonexistent/teacher.pt"),
+        (
+            ["train.profile=true", "train.profile.enabled=false"],
+            "train.profile (deprecated) and train.profile.enabled are both given",
+        ),
     ],
 )
 def test_cli_user_errors_are_one_line(tiny_imagefolder, tmp_path, args, fragment):
@@ -401,11 +403,20 @@ def test_print_config(tiny_imagefolder, tmp_path):
     config = write_config(tmp_path, tiny_imagefolder)
     result = run_cli(
         "fastkd.train", "--config", str(config), "optim.lr=1e-3", "train.amp=off",
-        "--print-config",
+        "train.profile=true", "data.dali_device=cpu", "--print-config",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)  # typed values, readable by any YAML tool
     assert printed["optim"]["lr"] == 0.001 and printed["train"]["amp"] == "off"
+    # Old keys are read, with a warning a user sees by default, and printed under the new ones.
+    assert printed["train"]["profile"]["enabled"] is True and "profile_skip" not in printed["train"]
+    assert printed["data"]["dali"]["device"] == "cpu" and "dali_device" not in printed["data"]
+    for old, new in [
+        ("train.profile", "train.profile.enabled"),
+        ("data.dali_device", "data.dali.device"),
+    ]:
+        assert f"FutureWarning: config key {old} is deprecated" in result.stderr
+        assert f"write {new} instead" in result.stderr
 
 
 @pytest.mark.parametrize(("fused", "warns"), [("auto", False), ("off", True)])

@@ -26,9 +26,9 @@ its last planned batch is delivered (the trainer never has to ask for one more),
 broken off early (an exception) or a bad image met at run time forces a rebuild.
 
 Memory (GPU decoding): the training decoder preallocates nvJPEG buffers sized for the largest
-ImageNet image (``data.dali_preallocate``), per DALI thread (``data.workers``): one device buffer of
-201 MiB and two pinned host buffers of 134 MiB each, so about 1.6 GiB of GPU memory and 2.1 GiB of
-pinned host memory per process at 8 threads (`decoder_padding_bytes`). The validation decoder
+ImageNet image (``data.dali.preallocate``), per DALI thread (``data.workers``): one device buffer
+of 201 MiB and two pinned host buffers of 134 MiB each, so about 1.6 GiB of GPU memory and 2.1 GiB
+of pinned host memory per process at 8 threads (`decoder_padding_bytes`). The validation decoder
 gets no padding: it grows its buffers on demand in a few short passes.
 
 Bad images: a decode failure stops the pipeline. The loader finds the culprit among the files in
@@ -79,7 +79,7 @@ _UNIFORMS_PER_SAMPLE = 2 * CROP_ATTEMPTS + 3
 
 
 def decoder_padding_bytes(workers: int) -> tuple[int, int]:
-    """(GPU, pinned host) bytes the GPU training decoder preallocates with data.dali_preallocate.
+    """(GPU, pinned host) bytes the GPU training decoder preallocates with data.dali.preallocate.
 
     DALI's documentation: one device buffer of ``device_memory_padding`` per thread, and two
     (double buffering) host buffers of ``host_memory_padding`` per thread.
@@ -356,7 +356,7 @@ def _log_decoder_buffers(workers: int) -> None:
     gpu_bytes, pinned_bytes = decoder_padding_bytes(workers)
     logging.getLogger("fastkd").info(
         "DALI GPU decoder buffers: %.1f GiB of GPU and %.1f GiB of pinned host memory "
-        "(%d threads; data.dali_preallocate=false drops them)",
+        "(%d threads; data.dali.preallocate=false drops them)",
         gpu_bytes / 2**30,
         pinned_bytes / 2**30,
         max(1, workers),
@@ -367,7 +367,7 @@ class DaliLoader(PlannedLoader):
     """Batches ``(images, labels)`` of one split for one rank from a DALI pipeline.
 
     See `fastkd.data.spec.Loader` for the protocol every loader follows. Decoding runs on the
-    GPU ("mixed") when ``data.dali_device`` is gpu, or auto with a CUDA device; else on the CPU.
+    GPU ("mixed") when ``data.dali.device`` is gpu, or auto with a CUDA device; else on the CPU.
     ``builds`` counts pipeline constructions: one per run unless a pass is broken off or a bad
     image is met.
     """
@@ -375,13 +375,13 @@ class DaliLoader(PlannedLoader):
     def __init__(self, index: SplitIndex, spec: LoaderSpec) -> None:
         super().__init__(index, spec)
         data = spec.data
-        use_gpu = data.dali_device == "gpu" or (
-            data.dali_device == "auto" and self.device.type == "cuda"
+        use_gpu = data.dali.device == "gpu" or (
+            data.dali.device == "auto" and self.device.type == "cuda"
         )
         if use_gpu and self.device.type != "cuda":
             raise DataError(
-                f"data.dali_device=gpu needs a CUDA device, but the batches go to {self.device}: "
-                "set data.dali_device=auto or cpu"
+                f"data.dali.device=gpu needs a CUDA device, but the batches go to {self.device}: "
+                "set data.dali.device=auto or cpu"
             )
         self.backend = "dali-gpu" if use_gpu else "dali-cpu"
         self.channels_last = spec.channels_last
@@ -397,7 +397,7 @@ class DaliLoader(PlannedLoader):
         decoder_args = {}
         if use_gpu:
             decoder_args = _gpu_decoder_args(
-                self.train, data.hw_decoder_load, data.dali_preallocate
+                self.train, data.dali.hw_decoder_load, data.dali.preallocate
             )
         self._pipeline_kwargs: dict[str, Any] = dict(
             decoder_device="mixed" if use_gpu else "cpu",
@@ -410,7 +410,7 @@ class DaliLoader(PlannedLoader):
         )
         if not self.train:
             self._pipeline_kwargs["val_resize"] = data.val_resize
-        if use_gpu and self.train and data.dali_preallocate:
+        if use_gpu and self.train and data.dali.preallocate:
             _log_decoder_buffers(data.workers)
         self._runtime_kwargs: dict[str, Any] = dict(
             batch_size=self.batch_size,

@@ -27,6 +27,7 @@ from typing import Literal
 
 from PIL import Image
 
+from fastkd.config import DATA_ROOT_EMPTY
 from fastkd.errors import DataError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")
@@ -140,9 +141,7 @@ def is_image_file(name: str) -> bool:
 
 def _split_dir(root: str | os.PathLike, split: str) -> Path:
     if not str(root):
-        raise DataError(
-            "data.root is empty: set it to an ImageFolder root (train/ and val/ inside)"
-        )
+        raise DataError(DATA_ROOT_EMPTY)
     root_path = Path(root).expanduser()
     if not root_path.is_dir():
         raise DataError(

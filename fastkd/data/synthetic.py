@@ -42,9 +42,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from fastkd.config import DataConfig, SyntheticConfig
+from fastkd.config import DATA_ROOT_EMPTY, DataConfig, SyntheticConfig
 from fastkd.data.folder import scan_imagefolder
-from fastkd.errors import DataError
+from fastkd.errors import ConfigError, DataError
 
 MARKER_NAME = ".fastkd_synthetic.json"
 # Bump when the rendering changes: a set written by another version must not pass for this one.
@@ -390,7 +390,7 @@ def prepare_synthetic(cfg: DataConfig) -> None:
     if not cfg.synthetic.enabled:
         return
     if not cfg.root:
-        raise DataError("data.root is empty: set it to the folder the synthetic set goes to")
+        raise DataError(DATA_ROOT_EMPTY)
     root = Path(cfg.root).expanduser()
     if root.exists() and not _is_empty_dir(root) and read_marker(root) is None:
         warnings.warn(
@@ -415,18 +415,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     args = parser.parse_args(argv)
-    cfg = SyntheticConfig(
-        enabled=True,
-        num_classes=args.num_classes,
-        train_per_class=args.train_per_class,
-        val_per_class=args.val_per_class,
-        image_size=args.image_size,
-        seed=args.seed,
-    )
     start = time.perf_counter()
     try:
+        cfg = SyntheticConfig(  # checks its ranges
+            enabled=True,
+            num_classes=args.num_classes,
+            train_per_class=args.train_per_class,
+            val_per_class=args.val_per_class,
+            image_size=args.image_size,
+            seed=args.seed,
+        )
         root = make_synthetic_imagefolder(args.out, cfg)
-    except DataError as exc:
+    except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     index = scan_imagefolder(root, num_classes=cfg.num_classes)

@@ -36,6 +36,7 @@ __all__ = [
     "NUM_STATS",
     "OP_NAMES",
     "check_inputs",
+    "check_tau",
     "extension",
     "fused_available",
 ]
@@ -125,6 +126,15 @@ def check_inputs(
             )
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor of class indices, got {labels.dtype}")
+    check_tau(tau)
+
+
+def check_tau(tau: float) -> None:
+    """Raise ``ValueError`` unless ``tau`` is a positive finite number, as the C++ ops do.
+
+    The one Python check of the temperature for every loss function (the config checks
+    ``loss.tau`` itself, to name the key).
+    """
     if not (0.0 < tau < float("inf")):
         raise ValueError(f"tau must be a positive finite number, got {tau}")
 

@@ -267,8 +267,7 @@ def kd_loss(
             "kd_loss needs student and teacher logits of one shape (N, C), got "
             f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
         )
-    if not (0.0 < tau < float("inf")):
-        raise ValueError(f"tau must be a positive finite number, got {tau}")
+    ops.check_tau(tau)
     dtype = ops.accumulate_dtype(student_logits, teacher_logits)
     log_q = F.log_softmax(student_logits.to(dtype) / tau, dim=1)
     log_p = F.log_softmax(teacher_logits.detach().to(dtype) / tau, dim=1)
