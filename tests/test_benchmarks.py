@@ -182,6 +182,48 @@ def test_bench_loss_writes_rows(tmp_path):
         assert row["fused_ms"] > 0 and row["speedup"] > 0 and row["kernels_gb_per_s"] > 0
 
 
+def test_bench_loss_times_each_cpu_kernel_build(tmp_path):
+    """--cpu-kernels: the fused op once per CPU kernel build, with speedups over the first."""
+    from fastkd.losses import ops
+
+    if ops.extension is None:
+        pytest.skip("fastkd._C is not built")
+    kernels = ops.extension.cpu_capabilities.split(",")  # "default" always, "avx2" where built
+    out = tmp_path / "loss.json"
+    result = run_script(
+        "benchmarks/bench_loss.py", "--device", "cpu", "--sizes", "16x40", "--reps", "3",
+        "--rounds", "3", "--cpu-kernels", ",".join(kernels), "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (row,) = load(out)["results"]
+    assert all(row[f"fused_ce_{kernel}_ms"] > 0 for kernel in kernels)
+    for kernel in kernels[1:]:
+        assert (
+            row[f"speedup_{kernel}_min"] <= row[f"speedup_{kernel}"] <= row[f"speedup_{kernel}_max"]
+        )
+    result = run_script("benchmarks/bench_loss.py", "--device", "cpu", "--cpu-kernels", "avx512")
+    assert result.returncode == 2 and "no avx512 CPU kernel here" in result.stderr
+
+
+def test_compare_cpu_kernels_pins_each_call_and_restores(monkeypatch):
+    import bench_loss
+
+    monkeypatch.setenv("FASTKD_CPU_CAPABILITY", "mine")
+    seen = []
+    row = bench_loss.compare_cpu_kernels(
+        lambda: seen.append(os.environ["FASTKD_CPU_CAPABILITY"]), ["a", "b"], reps=2, rounds=2
+    )
+    assert set(seen) == {"a", "b"} and seen.count("a") == seen.count("b")
+    assert set(row) == {
+        "fused_ce_a_ms",
+        "fused_ce_b_ms",
+        "speedup_b",
+        "speedup_b_min",
+        "speedup_b_max",
+    }
+    assert os.environ["FASTKD_CPU_CAPABILITY"] == "mine"
+
+
 def test_gpu_loss_check_logic_on_the_cpu_kernels(tmp_path):
     """gpu_loss_check.py --device cpu --quick: the same correctness checks and timing rows as on
     a GPU, run against the CPU kernels (this is how the script itself is tested without one)."""
