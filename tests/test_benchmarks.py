@@ -224,19 +224,22 @@ def test_compare_cpu_kernels_pins_each_call_and_restores(monkeypatch):
     assert os.environ["FASTKD_CPU_CAPABILITY"] == "mine"
 
 
-def test_gpu_loss_check_logic_on_the_cpu_kernels(tmp_path):
-    """gpu_loss_check.py --device cpu --quick: the same correctness checks and timing rows as on
-    a GPU, run against the CPU kernels (this is how the script itself is tested without one)."""
+def test_gpu_loss_check_times_the_cpu_kernels(tmp_path):
+    """gpu_loss_check.py --device cpu --quick: the timing rows and goals a GPU run reports, from
+    the CPU kernels (this is how the script itself is tested without a GPU). It checks no
+    correctness: the tests marked gpu do that on CUDA."""
     out = tmp_path / "loss_check.json"
     result = run_script(
         "benchmarks/gpu_loss_check.py", "--device", "cpu", "--quick", "--json", str(out)
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     data = json.loads(out.read_text())
-    assert data["status"] == "passed" and data["failed_checks"] == [] and data["checks"]
+    assert data["status"] == "measured" and "checks" not in data
+    assert data["copy_gb_per_s"] > 0
     rows = {(row["dtype"], row["N"], row["C"]): row for row in data["timing"]}
     goal_row = rows[("float16", 256, 1000)]
     assert goal_row["speedup"] > 0 and goal_row["speedup_vs_inductor_ce"] > 0
+    assert goal_row["bandwidth_fraction_of_copy"] > 0
     assert "inductor_ce_ms" not in rows[("float32", 256, 1000)]  # only the chosen rows compile
     assert {goal["goal"] for goal in data["goals"]} >= {
         "fused >= 10x eager at 256x1000 float16 (wsld, eager launches)",
@@ -336,6 +339,11 @@ def test_gpu_check_without_a_gpu_reports_and_skips(tmp_path):
     for name in ("trainer", "trainer_cudagraphs", "train"):
         assert sections[name]["status"] == "skipped"
         assert "no CUDA device" in " ".join(sections[name]["log_tail"])
+    assert sections["tests"]["result_status"] == "passed"  # the gpu tests, all skipped here
     env_facts = json.loads((out / "env.json").read_text())
     assert env_facts["cuda_available"] is False
-    assert len(list(out.iterdir())) <= 8  # the device tool returns at most 8 files
+    # $OUT holds the environment, the summary and one JSON per section that ran; logs stay in
+    # $WORK (their tails are in the summary).
+    assert sorted(p.name for p in out.iterdir()) == [
+        "env.json", "gpu_check.json", "loss_check.json", "tests.json"
+    ]  # fmt: skip
