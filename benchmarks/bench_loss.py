@@ -17,11 +17,18 @@ On CUDA the times come from CUDA events around a loop of launches (so CPU launch
 when it dominates, as it does in training) after a warm-up; on the CPU from perf_counter. Each
 time is the median of ``--rounds`` rounds, run interleaved across the variants, and each
 speedup the median of the per-round ratios (robust to a busy shared machine).
+
+``--cpu-kernels default,avx2`` also times the fused op with "+ce" once per CPU kernel build
+(pinned with FASTKD_CPU_CAPABILITY, interleaved per round) and reports each build's speedup over
+the first, with the spread of the per-round ratios:
+
+    python benchmarks/bench_loss.py --device cpu --dtypes float32,bfloat16 --cpu-kernels default,avx2
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -114,6 +121,38 @@ def median_ratio(numerator: list[float], denominator: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(numerator[1:], denominator[1:], strict=True))
 
 
+def compare_cpu_kernels(
+    fn: Callable[[], object], kernels: list[str], reps: int, rounds: int
+) -> dict[str, float]:
+    """``fn`` timed once per CPU kernel build, interleaved, and each build's speedup over the
+    first (median, min and max of the per-round ratios). The build is pinned per call through
+    FASTKD_CPU_CAPABILITY, which the op reads on every call; the variable is restored after."""
+    previous = os.environ.get("FASTKD_CPU_CAPABILITY")
+
+    def pinned(kernel: str) -> Callable[[], object]:
+        def run() -> object:
+            os.environ["FASTKD_CPU_CAPABILITY"] = kernel
+            return fn()
+
+        return run
+
+    try:
+        samples = time_variants({k: pinned(k) for k in kernels}, torch.device("cpu"), reps, rounds)
+    finally:
+        if previous is None:
+            os.environ.pop("FASTKD_CPU_CAPABILITY", None)
+        else:
+            os.environ["FASTKD_CPU_CAPABILITY"] = previous
+    row = {f"fused_ce_{kernel}_ms": samples[kernel][0] for kernel in kernels}
+    base = samples[kernels[0]][1:]
+    for kernel in kernels[1:]:
+        ratios = [a / b for a, b in zip(base, samples[kernel][1:], strict=True)]
+        row[f"speedup_{kernel}"] = statistics.median(ratios)
+        row[f"speedup_{kernel}_min"] = min(ratios)
+        row[f"speedup_{kernel}_max"] = max(ratios)
+    return row
+
+
 def capture_graph(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
     """``fn`` (forward + backward included) captured once as a CUDA graph; returns its replay.
 
@@ -156,6 +195,7 @@ def bench_size(
     rounds: int,
     graphs: bool = True,
     inductor: bool = False,
+    cpu_kernels: list[str] | None = None,
 ) -> dict[str, object]:
     """One table row: eager, reference and fused times (and bandwidth) for one shape/dtype.
 
@@ -164,6 +204,8 @@ def bench_size(
     With ``inductor``, the eager objective (CE + mmrazor's WSLD) is also timed compiled by
     ``torch.compile`` (``inductor_ce_ms``, ``speedup_vs_inductor_ce``): what a user gets without
     the custom op. It compiles once per shape and dtype (seconds on a CPU, more on a GPU).
+    With ``cpu_kernels`` (CPU only), the fused "+ce" variant is also timed once per CPU kernel
+    build (``compare_cpu_kernels``).
     """
     gen = torch.Generator(device="cpu").manual_seed(0)
     student = (torch.randn(rows, classes, generator=gen) * 3).to(device, dtype)
@@ -238,6 +280,8 @@ def bench_size(
         # Bytes that must move: forward reads s and t, backward reads them again and writes grad.
         moved = 5 * rows * classes * student.element_size()
         row["kernels_gb_per_s"] = moved / (times["kernels"] * 1e-3) / 1e9
+        if cpu_kernels and device.type == "cpu":
+            row.update(compare_cpu_kernels(variants["fused_ce"], cpu_kernels, reps, rounds))
     if fused and graphs and device.type == "cuda" and not _GRAPHS_BROKEN:
         names = ("eager", "eager_ce", "fused", "fused_ce", "kernels")
         try:
@@ -291,7 +335,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time the eager objective compiled by torch.compile (one compile per row)",
     )
+    parser.add_argument(
+        "--cpu-kernels",
+        default=None,
+        help="comma list of CPU kernel builds (default,avx2) to time the fused op with, on the CPU",
+    )
     args = parser.parse_args(argv)
+    cpu_kernels = args.cpu_kernels.split(",") if args.cpu_kernels else None
+    if cpu_kernels:
+        from fastkd.losses import ops
+
+        built = ops.extension.cpu_capabilities.split(",") if ops.extension else []
+        missing = [kernel for kernel in cpu_kernels if kernel not in built]
+        if missing:
+            parser.error(f"--cpu-kernels: no {', '.join(missing)} CPU kernel here (built: {built})")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -325,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                     reps=args.reps,
                     rounds=args.rounds,
                     inductor=args.inductor,
+                    cpu_kernels=cpu_kernels,
                 )
                 results.append(row)
                 print(format_table([row], list(row)).splitlines()[-1], flush=True)
@@ -348,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_graph",
         "kernels_graph_gb_per_s",
     ]
+    for kernel in cpu_kernels or []:
+        columns.append(f"fused_ce_{kernel}_ms")
+    for kernel in (cpu_kernels or [])[1:]:
+        columns += [f"speedup_{kernel}", f"speedup_{kernel}_min", f"speedup_{kernel}_max"]
     print()
     print(format_table(results, columns))
     config = {k: v for k, v in vars(args).items() if k != "json"}

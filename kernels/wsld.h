@@ -1,6 +1,7 @@
 // Shared declarations of the fused WSLD ops (fastkd::wsld, fastkd::wsld_ce, fastkd::wsld_backward).
 //
-// The math (docs: /work/shared/DESIGN.md, "The method, exactly"), per row i of N x C logits:
+// The math (README.md, "The method"; in plain PyTorch: wsld_reference in fastkd/losses/wsld.py),
+// per row i of N x C logits:
 //   q = softmax(s / tau), p = softmax(t / tau), ce_i = -sum_c p_c log q_c
 //   CE_s = -log softmax(s)_y, CE_t = -log softmax(t)_y
 //   w_i = 1 - exp(-max(CE_s / (CE_t + 1e-7), 0))

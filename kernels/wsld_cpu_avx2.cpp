@@ -5,6 +5,11 @@
 // other translation unit; CPU_CAPABILITY gives at::vec::Vectorized its own inline namespace here,
 // as in ATen's per-capability builds. setup.py lists this file after wsld.cpp so that the linker
 // keeps the portable copy of any inline function both files instantiate.
+//
+// Kept because it pays for its files and switch: 6-8x the portable build for forward + backward
+// at 256x1000, 1024x1000 and 128x21843, fp32 and bf16, one thread (2.4-5.6x with two contended
+// threads), measured interleaved on an AMD EPYC on 2026-12-02 (benchmarks/RESULTS.md, "CPU kernel
+// builds"; rerun with `bench_loss.py --cpu-kernels default,avx2`).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define FASTKD_BUILD_AVX2 1
 #pragma GCC target("avx2,fma,f16c")

@@ -2,7 +2,9 @@
 
 Every implementation is checked against ``wsld_float64``, an independent re-derivation of the
 math in float64 from elementary tensor ops, and against mmrazor's op sequence (``mmrazor_wsld``, re-implemented here).
-The fused-op tests run once per CPU kernel build (portable and AVX2) via ``cpu_capability``.
+The fused-op tests run once per CPU kernel build (portable and AVX2) via ``cpu_capability``;
+those that hold for any device (``kernel_device``) run on CUDA as well, marked ``gpu``
+(benchmarks/gpu_check.sh runs them on a GPU node), so the CPU run here exercises the same checks.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ needs_fused = pytest.mark.skipif(
     not HAVE_FUSED, reason=f"fastkd._C is not built (run `{ops.BUILD_COMMAND}`)"
 )
 IMPLS = ["reference", pytest.param("fused", marks=needs_fused)]
+_KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # what the CUDA kernels take
 CAPABILITIES = (
     ops.extension.cpu_capabilities.split(",") if ops.extension is not None else ["default"]
 )
@@ -50,6 +53,24 @@ def cpu_capability(request, monkeypatch):
         pytest.skip(f"no {request.param} CPU kernel on this machine/build")
     monkeypatch.setenv("FASTKD_CPU_CAPABILITY", request.param)
     return request.param
+
+
+needs_cuda = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture(params=["cpu-default", "cpu-avx2", pytest.param("cuda", marks=needs_cuda)])
+def kernel_device(request, monkeypatch) -> torch.device:
+    """Runs a test on each build of the fused kernels: the CPU ones, then CUDA (gpu-marked)."""
+    if request.param == "cuda":
+        return torch.device("cuda")
+    capability = request.param.removeprefix("cpu-")
+    if capability not in CAPABILITIES:
+        pytest.skip(f"no {capability} CPU kernel on this machine/build")
+    monkeypatch.setenv("FASTKD_CPU_CAPABILITY", capability)
+    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,11 +132,15 @@ def mmrazor_wsld(student, teacher, gt_labels, tau, loss_weight, num_classes):
     return loss_weight * (tau**2) * torch.mean(ce_loss)
 
 
-def make_batch(rows, classes, *, dtype=torch.float32, scale=3.0, seed=0, requires_grad=True):
+def make_batch(
+    rows, classes, *, dtype=torch.float32, scale=3.0, seed=0, requires_grad=True, device="cpu"
+):
+    """Seeded logits (drawn in float64 on the CPU, so every device sees the same values)."""
     gen = torch.Generator().manual_seed(seed)
     student = (torch.randn(rows, classes, generator=gen, dtype=torch.float64) * scale).to(dtype)
     teacher = (torch.randn(rows, classes, generator=gen, dtype=torch.float64) * scale).to(dtype)
     labels = torch.randint(0, classes, (rows,), generator=gen)
+    student, teacher, labels = student.to(device), teacher.to(device), labels.to(device)
     return student.requires_grad_(requires_grad), teacher, labels
 
 
@@ -256,20 +281,22 @@ def test_two_classes_closed_form(impl, cpu_capability):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_single_class_is_zero(impl, cpu_capability):
-    student, teacher, labels = make_batch(4, 1, seed=4)
+@pytest.mark.parametrize("dtype", _KERNEL_DTYPES)
+def test_single_class_is_zero(impl, dtype, kernel_device):
+    student, teacher, labels = make_batch(4, 1, dtype=dtype, seed=4, device=kernel_device)
     terms, grad = loss_and_grad(impl, student, teacher, labels, tau=2.0, loss_weight=1, ce_weight=1)
     assert float(terms.total) == 0.0 and float(terms.weight_mean) == 0.0
     assert torch.all(grad == 0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_empty_batch_is_zero(impl, cpu_capability):
+@pytest.mark.parametrize("dtype", _KERNEL_DTYPES)
+def test_empty_batch_is_zero(impl, dtype, kernel_device):
     """N = 0 is defined as 0 (mmrazor's empty mean would be NaN; see wsld.py)."""
-    student, teacher, labels = make_batch(0, 10)
+    student, teacher, labels = make_batch(0, 10, dtype=dtype, device=kernel_device)
     terms, grad = loss_and_grad(impl, student, teacher, labels, tau=2.0, loss_weight=1, ce_weight=1)
     assert [float(v) for v in terms] == [0.0, 0.0, 0.0, 0.0]
-    assert grad.shape == (0, 10)
+    assert grad.shape == (0, 10) and grad.device == student.device
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -300,11 +327,11 @@ def _layout(x: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "transposed":
         return x.t().contiguous().t()
     if kind == "strided":
-        wide = torch.zeros(x.shape[0], 2 * x.shape[1] + 1, dtype=x.dtype)
+        wide = torch.zeros(x.shape[0], 2 * x.shape[1] + 1, dtype=x.dtype, device=x.device)
         wide[:, 1::2] = x
         return wide[:, 1::2]
     if kind == "offset":  # a view one element into its storage: unaligned rows
-        flat = torch.zeros(x.numel() + 1, dtype=x.dtype)
+        flat = torch.zeros(x.numel() + 1, dtype=x.dtype, device=x.device)
         flat[1:] = x.reshape(-1)
         return flat[1:].view(x.shape)
     return x
@@ -402,8 +429,12 @@ def test_mixed_dtypes_promote(cpu_capability):
 
 
 @needs_fused
-def test_deterministic(cpu_capability):
-    student, teacher, labels = make_batch(100, 500, seed=7)
+@pytest.mark.parametrize(
+    ("rows", "classes", "dtype"), [(100, 500, torch.float32), (512, 21843, torch.bfloat16)]
+)
+def test_deterministic(kernel_device, rows, classes, dtype):
+    """Bit-identical twice, also for a batch split across threads (CPU) or blocks (CUDA)."""
+    student, teacher, labels = make_batch(rows, classes, dtype=dtype, seed=7, device=kernel_device)
     first, grad_first = loss_and_grad(
         "fused", student, teacher, labels, tau=2, loss_weight=1, ce_weight=1
     )
@@ -414,13 +445,155 @@ def test_deterministic(cpu_capability):
 
 
 # ---------------------------------------------------------------------------------------------
+# Fused against reference and float64, fixed cases on every kernel build (CPU here, CUDA on a GPU)
+# ---------------------------------------------------------------------------------------------
+
+# Gradient tolerance relative to max |grad| on any device (a CUDA row sums in another order).
+_DEVICE_GRAD_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def assert_fused_matches(student, teacher, labels, *, tau, loss_weight=2.5, ce_weight=1.0):
+    """Fused against the reference on the same device (terms and gradient), and its terms
+    against ``wsld_float64`` on the CPU. Returns the fused terms and gradient."""
+    kwargs = {"tau": tau, "loss_weight": loss_weight, "ce_weight": ce_weight}
+    fused, fused_grad = loss_and_grad("fused", student, teacher, labels, **kwargs)
+    ref, ref_grad = loss_and_grad("reference", student, teacher, labels, **kwargs)
+    truth = wsld_float64(student.cpu(), teacher.cpu(), labels.cpu(), **kwargs)
+    for name in LossTerms._fields:
+        value = getattr(fused, name)
+        torch.testing.assert_close(
+            value, getattr(ref, name), rtol=1e-5, atol=1e-6, msg=f"{name}: fused vs reference"
+        )
+        torch.testing.assert_close(
+            float(value), truth[name], rtol=2e-5, atol=1e-6, msg=f"{name}: fused vs float64"
+        )
+    assert fused_grad.dtype == student.dtype and fused_grad.device == student.device
+    tol = _DEVICE_GRAD_TOL[student.dtype]
+    info = torch.finfo(student.dtype)
+    # q - p cancels when both are near 1 (a few float32 ulps times the prefactor); below
+    # float16's normal range, the subnormal spacing.
+    floor = 8 * 1.2e-7 * (loss_weight * tau + ce_weight) / max(student.shape[0], 1)
+    floor += 2 * info.smallest_normal * info.eps
+    scale = float(ref_grad.abs().max()) if ref_grad.numel() else 0.0
+    torch.testing.assert_close(
+        fused_grad.double(), ref_grad.double(), rtol=tol, atol=tol * scale + floor, msg="grad"
+    )
+    return fused, fused_grad
+
+
+# The kernels' three exp paths (tau 1, 2, other: wsld.h TauMode) on shapes that take each row
+# mapping and vector tail, then the realistic shapes at the recipe's tau.
+_SWEEP = [
+    *((rows, classes, tau) for rows, classes in [(33, 1031), (17, 3), (5, 8), (3, 40000)]
+      for tau in (1.0, 2.0, 4.0)),
+    (256, 1000, 2.0), (1024, 1000, 2.0), (128, 21843, 2.0),
+]  # fmt: skip
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", _KERNEL_DTYPES)
+@pytest.mark.parametrize(("rows", "classes", "tau"), _SWEEP)
+def test_fused_matches_reference_and_float64(kernel_device, dtype, rows, classes, tau):
+    """Odd, tiny and 40,000-class rows (vector-load heads and tails; several CUDA blocks' worth
+    of columns), and the ImageNet (1000) and ImageNet-21k (21843) shapes."""
+    batch = make_batch(rows, classes, dtype=dtype, seed=rows + classes, device=kernel_device)
+    assert_fused_matches(*batch, tau=tau)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", _KERNEL_DTYPES)
+@pytest.mark.parametrize("classes", [1024, 1025, 2048, 2049])
+def test_fused_on_both_sides_of_the_row_mappings(kernel_device, dtype, classes):
+    """CUDA switches from a warp per row to a block per row above 32 lanes x 8 loads of 16 bytes
+    (1024 float32 or 2048 16-bit classes, ``warp_per_row`` in wsld_cuda.cu); the CPU kernel walks
+    rows in chunks of 1024 (``kChunk`` in wsld_cpu_kernel.h). Each side of both boundaries."""
+    batch = make_batch(9, classes, dtype=dtype, seed=classes, device=kernel_device)
+    assert_fused_matches(*batch, tau=2.0)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", _KERNEL_DTYPES)
+@pytest.mark.parametrize("layout", ["transposed", "strided", "offset"])
+@pytest.mark.parametrize(("rows", "classes"), [(64, 1000), (7, 1031), (4, 21843)])
+def test_fused_non_contiguous_and_misaligned(kernel_device, dtype, layout, rows, classes):
+    student, teacher, labels = make_batch(rows, classes, dtype=dtype, seed=3, device=kernel_device)
+    labels = labels.repeat_interleave(2)[::2]  # strided labels too
+    student, teacher = _layout(student.detach(), layout), _layout(teacher, layout)
+    assert_fused_matches(student, teacher, labels, tau=2.0)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", _KERNEL_DTYPES)
+@pytest.mark.parametrize(
+    "case",
+    ["wsld_only", "uniform_rows", "confident_teacher", "two_classes", "huge_logits"],
+)
+def test_fused_edge_inputs(kernel_device, dtype, case):
+    """The hand-computed cases above (C = 1 and N = 0 are there too), in every dtype and on
+    every device, against the reference."""
+    device = kernel_device
+    big = 6e4 if dtype == torch.float16 else 1e4  # float16: near its largest finite value
+    student, teacher, labels = make_batch(32, 1000, dtype=dtype, seed=4, device=device)
+    kwargs = {"tau": 2.0}
+    if case == "wsld_only":
+        kwargs["ce_weight"] = 0.0
+    elif case == "uniform_rows":
+        student = torch.full_like(student, 0.5)
+        teacher = torch.full_like(teacher, -2.0)
+        labels = torch.arange(32, device=device) * 7
+    elif case == "confident_teacher":
+        teacher = torch.zeros_like(teacher)
+        teacher[torch.arange(32, device=device), labels] = big
+    elif case == "two_classes":
+        student, teacher, labels = make_batch(16, 2, dtype=dtype, seed=5, device=device)
+    elif case == "huge_logits":
+        student = (student.detach().sign() * big + student.detach()).to(dtype)
+        teacher = (teacher.sign() * big - teacher).to(dtype)
+    fused, grad = assert_fused_matches(student, teacher, labels, **kwargs)
+    assert torch.isfinite(fused.total) and torch.isfinite(grad).all()
+    if case == "confident_teacher":  # CE_t = 0 makes the ratio huge: w = 1 exactly
+        weight = torch.ops.fastkd.wsld(student, teacher, labels, 2.0, 1.0)[1][:, 5]  # kWeight
+        assert torch.all(weight == 1.0), weight
+
+
+@needs_fused
+def test_fused_int32_labels(kernel_device):
+    """int32 labels give exactly what int64 ones do."""
+    student, teacher, labels = make_batch(
+        64, 1000, dtype=torch.float16, seed=6, device=kernel_device
+    )
+    terms, grad = assert_fused_matches(student, teacher, labels.int(), tau=2.0)
+    kwargs = {"tau": 2.0, "loss_weight": 2.5, "ce_weight": 1.0}
+    terms64, grad64 = loss_and_grad("fused", student, teacher, labels, **kwargs)
+    assert torch.equal(terms.total, terms64.total) and torch.equal(grad, grad64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_never_synchronizes_the_host():
+    """Forward and backward of the fused loss under CUDA's sync debug mode set to "error": any
+    host synchronization (an .item(), a device-to-host copy, a label check) raises."""
+    student, teacher, labels = make_batch(256, 1000, dtype=torch.float16, seed=10, device="cuda")
+    kwargs = {"tau": 2.0, "loss_weight": 2.5, "ce_weight": 1.0, "impl": "fused"}
+    torch.autograd.grad(wsld_ce_loss(student, teacher, labels, **kwargs).total, student)  # warm
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        terms = wsld_ce_loss(student, teacher, labels, **kwargs)
+        torch.autograd.grad(terms.total, student)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------
 # API contract
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("impl", ["auto", *IMPLS])
-def test_loss_terms_contract(impl):
-    student, teacher, labels = make_batch(8, 20, seed=8)
+def test_loss_terms_contract(impl, kernel_device):
+    student, teacher, labels = make_batch(8, 20, seed=8, device=kernel_device)
     teacher.requires_grad_(True)
     terms = wsld_ce_loss(
         student, teacher, labels, tau=2.0, loss_weight=2.5, ce_weight=1.0, impl=impl
