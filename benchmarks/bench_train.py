@@ -42,6 +42,8 @@ from common import format_table, run_cli, write_json  # noqa: E402
 
 from fastkd.builders import batch_dtype, build_models, build_train_state, seed_everything  # noqa: E402
 from fastkd.config import TrainConfig, from_dict  # noqa: E402
+from fastkd.data import build_train_loader  # noqa: E402
+from fastkd.data.folder import scan_split  # noqa: E402
 from fastkd.distributed import DistInfo, resolve_device  # noqa: E402
 from fastkd.engine import count_step_flops, measure_peak_flops, resolve_precision, train_step  # noqa: E402
 from fastkd.logging import MetricsWriter  # noqa: E402
@@ -193,8 +195,6 @@ def bench_end_to_end(
     The loader hands over batches in the variant's memory format (contiguous NCHW for ``nchw``),
     as the trainer's loader does with ``train.channels_last``.
     """
-    from fastkd.data import build_train_loader
-
     cfg = make_config(args, variant, root=args.root)
     cfg.data.backend = args.backend
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
@@ -323,8 +323,6 @@ def main(argv: list[str] | None = None) -> int:
         variants.insert(0, variants.pop(variants.index(BASELINE)))
 
     if args.root:  # a bad --root is found now, not after minutes of benchmarking
-        from fastkd.data.folder import scan_split
-
         scan_split(args.root, "train")
 
     probe = make_config(args, BASELINE)

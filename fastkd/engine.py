@@ -1,7 +1,8 @@
 """The training step, evaluation, and their precision / optimizer / schedule / compile wiring.
 
-The hot loop (`train_one_epoch`) never synchronizes with the device except at logging
-intervals: loss terms and accuracy accumulate in device tensors and are read once per interval.
+The epoch loop (`train_one_epoch`) reads: next batch -> `train_step` -> `fastkd.meter.TrainMeter`.
+Nothing in it synchronizes with the device except at logging intervals: the meter accumulates
+loss terms and accuracy in device tensors and reads them once per interval.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from fastkd.config import LossConfig, OptimConfig, SchedConfig, TrainConfig
 from fastkd.distributed import all_reduce_sum
 from fastkd.errors import ConfigError
+from fastkd.losses import kd_loss, wsld_ce_loss
 from fastkd.meter import TrainMeter, sync
 from fastkd.profiling import StepProfiler
 
@@ -208,8 +210,6 @@ def build_objective(cfg: LossConfig) -> Objective:
     ``total`` carries the gradient; ``terms`` are detached 0-dim tensors for logging (``loss``
     and ``ce`` always, plus ``kd`` or ``wsld`` and ``wsld_weight`` for distillation).
     """
-    from fastkd.losses import kd_loss, wsld_ce_loss
-
     if cfg.kind == "ce":
 
         def ce_objective(student_logits, teacher_logits, labels):

@@ -77,9 +77,16 @@ def test_parse_variant_errors_name_the_part(name, culprit):
 
 def test_variant_compile_mode_reaches_the_config():
     args = bench_train.argparse.Namespace(
-        image_size=32, batch_size=2, workers=0, teacher="resnet18", student="resnet18",
-        loss="wsld", loss_impl="auto", device="cpu", compile_mode="default",
-    )  # fmt: skip
+        image_size=32,
+        batch_size=2,
+        workers=0,
+        teacher="resnet18",
+        student="resnet18",
+        loss="wsld",
+        loss_impl="auto",
+        device="cpu",
+        compile_mode="default",
+    )
     cfg = bench_train.make_config(args, "compiled:reduce-overhead/amp/cl")
     assert cfg.train.compile and cfg.train.compile_mode == "reduce-overhead"
     assert cfg.train.amp == "auto" and cfg.train.channels_last
@@ -88,9 +95,23 @@ def test_variant_compile_mode_reaches_the_config():
 
 
 TINY_TRAIN = [
-    "--teacher", "resnet18", "--student", "resnet18", "--image-size", "32", "--batch-size", "2",
-    "--num-classes", "10", "--steps", "1", "--warmup", "0", "--device", "cpu",
-]  # fmt: skip
+    "--teacher",
+    "resnet18",
+    "--student",
+    "resnet18",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "2",
+    "--num-classes",
+    "10",
+    "--steps",
+    "1",
+    "--warmup",
+    "0",
+    "--device",
+    "cpu",
+]
 
 
 def test_bench_train_failed_variant_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
@@ -131,8 +152,12 @@ def test_bench_train_profiles_the_chosen_variant(tmp_path):
     assert profile["steps"] == 2 and profile["top_ops"]
     assert [p["phase"] for p in profile["phases"]]  # the step's phases, timed
     assert {p["phase"] for p in profile["phases"]} == {
-        "teacher", "student_forward", "loss", "backward", "optimizer"
-    }  # fmt: skip
+        "teacher",
+        "student_forward",
+        "loss",
+        "backward",
+        "optimizer",
+    }
     assert any("conv" in op["name"] for op in profile["top_ops"])
     assert (tmp_path / "prof" / "eager_fp32_cl" / "trace_rank0.json").is_file()
 
@@ -155,9 +180,13 @@ def test_bench_train_rejects_unknown_variant(capsys):
 
 def test_bench_train_bad_root_fails_before_benchmarking(tmp_path):
     result = run_script(
-        "benchmarks/bench_train.py", *TINY_TRAIN, "--root", str(tmp_path / "nowhere"),
-        "--json", str(tmp_path / "t.json"),
-    )  # fmt: skip
+        "benchmarks/bench_train.py",
+        *TINY_TRAIN,
+        "--root",
+        str(tmp_path / "nowhere"),
+        "--json",
+        str(tmp_path / "t.json"),
+    )
     assert result.returncode == 2
     assert "bench_train.py: error: data root" in result.stderr and "nowhere" in result.stderr
     assert "Traceback" not in result.stderr
@@ -171,9 +200,20 @@ def test_bench_train_bad_root_fails_before_benchmarking(tmp_path):
 def test_bench_loss_writes_rows(tmp_path):
     out = tmp_path / "loss.json"
     result = run_script(
-        "benchmarks/bench_loss.py", "--device", "cpu", "--sizes", "4x8,16x40", "--reps", "3",
-        "--rounds", "1", "--threads", "1", "--json", str(out),
-    )  # fmt: skip
+        "benchmarks/bench_loss.py",
+        "--device",
+        "cpu",
+        "--sizes",
+        "4x8,16x40",
+        "--reps",
+        "3",
+        "--rounds",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     rows = load(out)["results"]
     assert [(row["N"], row["C"]) for row in rows] == [(4, 8), (16, 40)]
@@ -191,9 +231,20 @@ def test_bench_loss_times_each_cpu_kernel_build(tmp_path):
     kernels = ops.extension.cpu_capabilities.split(",")  # "default" always, "avx2" where built
     out = tmp_path / "loss.json"
     result = run_script(
-        "benchmarks/bench_loss.py", "--device", "cpu", "--sizes", "16x40", "--reps", "3",
-        "--rounds", "3", "--cpu-kernels", ",".join(kernels), "--json", str(out),
-    )  # fmt: skip
+        "benchmarks/bench_loss.py",
+        "--device",
+        "cpu",
+        "--sizes",
+        "16x40",
+        "--reps",
+        "3",
+        "--rounds",
+        "3",
+        "--cpu-kernels",
+        ",".join(kernels),
+        "--json",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     (row,) = load(out)["results"]
     assert all(row[f"fused_ce_{kernel}_ms"] > 0 for kernel in kernels)
@@ -254,10 +305,22 @@ def test_bench_data_both_backends(tmp_path, tiny_imagefolder):
     pytest.importorskip("nvidia.dali")
     out = tmp_path / "data.json"
     result = run_script(
-        "benchmarks/bench_data.py", "--root", str(tiny_imagefolder), "--image-size", "32",
-        "--batch-size", "4", "--workers", "1", "--epochs", "1", "--rounds", "1",
-        "--json", str(out),
-    )  # fmt: skip
+        "benchmarks/bench_data.py",
+        "--root",
+        str(tiny_imagefolder),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--workers",
+        "1",
+        "--epochs",
+        "1",
+        "--rounds",
+        "1",
+        "--json",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     torch_row, dali_row, ratio = load(out)["results"]
     assert (torch_row["backend"], torch_row["loader"]) == ("torch", "torch")
@@ -284,10 +347,24 @@ def test_bench_startup_two_processes_scan_once(tmp_path):
     """A tree of ImageNet's shape in miniature, two torchrun processes: one scan, a first step."""
     out = tmp_path / "startup.json"
     result = run_script(
-        "benchmarks/bench_startup.py", "--root", str(tmp_path / "trees"), "--classes", "12",
-        "--train-per-class", "6", "--val-per-class", "1", "--small-per-class", "0",
-        "--procs", "2", "--timeout", "240", "--json", str(out),
-    )  # fmt: skip
+        "benchmarks/bench_startup.py",
+        "--root",
+        str(tmp_path / "trees"),
+        "--classes",
+        "12",
+        "--train-per-class",
+        "6",
+        "--val-per-class",
+        "1",
+        "--small-per-class",
+        "0",
+        "--procs",
+        "2",
+        "--timeout",
+        "240",
+        "--json",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = load(out)["results"]
     assert (row["tree"], row["files"], row["procs"]) == ("large", 84, 2)
@@ -302,9 +379,16 @@ def test_bench_startup_never_deletes_a_foreign_folder(tmp_path):
     (tmp_path / "large").mkdir()
     (tmp_path / "large" / "mine.txt").write_text("keep me")
     result = run_script(
-        "benchmarks/bench_startup.py", "--root", str(tmp_path), "--classes", "2",
-        "--train-per-class", "1", "--small-per-class", "0",
-    )  # fmt: skip
+        "benchmarks/bench_startup.py",
+        "--root",
+        str(tmp_path),
+        "--classes",
+        "2",
+        "--train-per-class",
+        "1",
+        "--small-per-class",
+        "0",
+    )
     assert result.returncode == 2 and "was not written by bench_startup" in result.stderr
     assert "Traceback" not in result.stderr
     assert (tmp_path / "large" / "mine.txt").read_text() == "keep me"
@@ -327,9 +411,13 @@ def test_gpu_check_without_a_gpu_reports_and_skips(tmp_path):
         "FASTKD_GPU_CHECK_SKIP_BUILD": "1",
     }
     result = subprocess.run(
-        ["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+        ["bash", "benchmarks/gpu_check.sh"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=300,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "gpu_check.json").read_text())
     sections = {section["name"]: section for section in summary["sections"]}
@@ -345,5 +433,8 @@ def test_gpu_check_without_a_gpu_reports_and_skips(tmp_path):
     # $OUT holds the environment, the summary and one JSON per section that ran; logs stay in
     # $WORK (their tails are in the summary).
     assert sorted(p.name for p in out.iterdir()) == [
-        "env.json", "gpu_check.json", "loss_check.json", "tests.json"
-    ]  # fmt: skip
+        "env.json",
+        "gpu_check.json",
+        "loss_check.json",
+        "tests.json",
+    ]

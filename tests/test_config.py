@@ -170,9 +170,27 @@ def test_typed_values_still_refuse_nonsense(tmp_path, override, fragment):
 
 
 @pytest.mark.parametrize(
-    "text", ["1e3", "0o17", "+.5", "1e+3", "010", "0x1F", "off", "yes", "~", "null", "true",
-             "2026-12-02", "1:30", ".inf", "1_000", "-", "plain/path"],
-)  # fmt: skip
+    "text",
+    [
+        "1e3",
+        "0o17",
+        "+.5",
+        "1e+3",
+        "010",
+        "0x1F",
+        "off",
+        "yes",
+        "~",
+        "null",
+        "true",
+        "2026-12-02",
+        "1:30",
+        ".inf",
+        "1_000",
+        "-",
+        "plain/path",
+    ],
+)
 def test_config_yaml_reads_back_every_string_unchanged(tmp_path, text):
     """config.yaml (and --print-config) quote what YAML 1.1 or 1.2 would read as a non-string."""
     cfg = load_config(write(tmp_path / "a.yaml", {"data": {"root": "/x"}}), [f"run.dir='{text}'"])

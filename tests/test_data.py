@@ -563,8 +563,9 @@ def test_augmentation_depends_on_seed_and_epoch_only(make_data_config, backend):
     loader = build_train_loader(cfg, device=CPU, seed=11)
     passes = _trainer_epochs(loader, range(3))
     loader.close()
-    resumed = build_train_loader(make_data_config(backend=backend, batch_size=4, workers=2),
-                                 device=CPU, seed=11)  # fmt: skip
+    resumed = build_train_loader(
+        make_data_config(backend=backend, batch_size=4, workers=2), device=CPU, seed=11
+    )
     ((images, labels),) = _trainer_epochs(resumed, [2])
     assert torch.equal(labels, passes[2][1])
     assert all(torch.equal(a, b) for a, b in zip(images, passes[2][0], strict=True))
@@ -581,8 +582,9 @@ def test_augmentation_depends_on_seed_and_epoch_only(make_data_config, backend):
     assert shared and all(not torch.equal(crops[0][p], crops[1][p]) for p in shared)
     other_seed = build_train_loader(cfg, device=CPU, seed=12)
     other_seed.set_epoch(0)
-    other = dict(zip(other_seed.shard_indices().tolist(), torch.cat(_epoch(other_seed)[0]),
-                     strict=True))  # fmt: skip
+    other = dict(
+        zip(other_seed.shard_indices().tolist(), torch.cat(_epoch(other_seed)[0]), strict=True)
+    )
     assert all(not torch.equal(other[p], crops[0][p]) for p in set(other) & set(crops[0]))
     other_seed.close()
 
@@ -704,10 +706,16 @@ def test_dali_crop_window_follows_the_random_resized_crop_rule(tmp_path):
     @pipeline_def(batch_size=len(files), num_threads=1, device_id=None)
     def windows():
         data, area_x_ratio, area_per_ratio, position = fn.external_source(
-            source=lambda: (encoded, draws["area_x_ratio"], draws["area_per_ratio"],
-                            draws["position"]),
-            num_outputs=4, batch=True, dtype=[types.UINT8] + [types.FLOAT] * 3,
-        )  # fmt: skip
+            source=lambda: (
+                encoded,
+                draws["area_x_ratio"],
+                draws["area_per_ratio"],
+                draws["position"],
+            ),
+            num_outputs=4,
+            batch=True,
+            dtype=[types.UINT8] + [types.FLOAT] * 3,
+        )
         return crop_window(data, area_x_ratio, area_per_ratio, position)
 
     pipe = windows()

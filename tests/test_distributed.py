@@ -78,13 +78,19 @@ def _write_config(tmp_path: Path, root: Path, run_dir: Path, loss: str, **train)
     config = tmp_path / "ddp.yaml"
     tree = {
         "run": {"dir": str(run_dir)},
-        "data": {"root": str(root), "image_size": 32, "val_resize": 36, "batch_size": 4,
-                 "val_batch_size": 3, "workers": 1},
+        "data": {
+            "root": str(root),
+            "image_size": 32,
+            "val_resize": 36,
+            "batch_size": 4,
+            "val_batch_size": 3,
+            "workers": 1,
+        },
         "teacher": {"arch": "resnet18", "weights": "random"},
         "student": {"arch": "resnet18"},
         "loss": {"kind": loss},
         "train": {"epochs": 1, "compile": False, "device": "cpu", **train},
-    }  # fmt: skip
+    }
     config.write_text(yaml.safe_dump(tree))
     return config
 
@@ -97,9 +103,14 @@ def _torchrun() -> str:
 @pytest.mark.parametrize("nodes", [1, 2], ids=["1node_x2", "2nodes_x1"])
 def test_torchrun_two_ranks(nodes, tiny_imagefolder, tmp_path):
     config = _write_config(
-        tmp_path, tiny_imagefolder, tmp_path / "run", "wsld", epochs=2, log_every=1,
+        tmp_path,
+        tiny_imagefolder,
+        tmp_path / "run",
+        "wsld",
+        epochs=2,
+        log_every=1,
         profile={"enabled": True, "skip": 1, "steps": 1},
-    )  # fmt: skip
+    )
     torchrun = _torchrun()
     scans = tmp_path / "scans.log"
     for result in _launch(torchrun, config, nodes, env=_scan_probe(scans)):
@@ -167,8 +178,11 @@ def _finished_run(tmp_path: Path, root: Path) -> Path:
     config = _write_config(tmp_path, root, tmp_path / "node0", "ce")
     first = subprocess.run(
         [sys.executable, "-m", "fastkd.train", "--config", str(config)],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     assert (tmp_path / "node0" / "last.pt").is_file()
     return config
@@ -341,8 +355,9 @@ def test_a_split_index_travels_without_its_root(tmp_path):
     there.check_on_this_node()
     (copy / "train" / "c2" / "extra.JPEG").write_bytes(b"never read")  # extra files: harmless
     there.check_on_this_node()
-    reordered = SplitIndex(index.split, index.root, index.classes, index.files[::-1],
-                           index.labels[::-1])  # fmt: skip
+    reordered = SplitIndex(
+        index.split, index.root, index.classes, index.files[::-1], index.labels[::-1]
+    )
     assert reordered.digest() != index.digest()
     os.remove(there.files[1234])
     with pytest.raises(

@@ -215,9 +215,13 @@ def test_compiled_evaluate_with_padding_compiles_one_graph():
 
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
         nn.Linear(8, 5),
-    ).eval()  # fmt: skip
+    ).eval()
     images = torch.randn(10, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     labels = torch.arange(10) % 5
     batches = [(images[i : i + 4], labels[i : i + 4]) for i in range(0, 10, 4)]  # 4 + 4 + 2
@@ -236,9 +240,13 @@ def test_compiled_evaluate_with_padding_compiles_one_graph():
 def _small_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
         nn.Linear(8, 5),
-    )  # fmt: skip
+    )
 
 
 def test_evaluate_records_no_autograd_graph():
@@ -274,9 +282,11 @@ def test_compiled_evaluate_gets_a_forward_only_graph():
 
         return compiler
 
-    backend = aot_autograd(fw_compiler=recorder("training forward"),
-                           bw_compiler=recorder("backward"),
-                           inference_compiler=recorder("inference"))  # fmt: skip
+    backend = aot_autograd(
+        fw_compiler=recorder("training forward"),
+        bw_compiler=recorder("backward"),
+        inference_compiler=recorder("inference"),
+    )
     net = _small_net().eval()
     batches = [(torch.randn(4, 3, 8, 8), torch.arange(4) % 5) for _ in range(2)]
     torch._dynamo.reset()

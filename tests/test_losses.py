@@ -484,10 +484,15 @@ def assert_fused_matches(student, teacher, labels, *, tau, loss_weight=2.5, ce_w
 # The kernels' three exp paths (tau 1, 2, other: wsld.h TauMode) on shapes that take each row
 # mapping and vector tail, then the realistic shapes at the recipe's tau.
 _SWEEP = [
-    *((rows, classes, tau) for rows, classes in [(33, 1031), (17, 3), (5, 8), (3, 40000)]
-      for tau in (1.0, 2.0, 4.0)),
-    (256, 1000, 2.0), (1024, 1000, 2.0), (128, 21843, 2.0),
-]  # fmt: skip
+    *(
+        (rows, classes, tau)
+        for rows, classes in [(33, 1031), (17, 3), (5, 8), (3, 40000)]
+        for tau in (1.0, 2.0, 4.0)
+    ),
+    (256, 1000, 2.0),
+    (1024, 1000, 2.0),
+    (128, 21843, 2.0),
+]
 
 
 @needs_fused

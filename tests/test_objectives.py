@@ -258,8 +258,9 @@ def test_each_weight_scales_its_own_term(kind, impl, capability, pin_capability)
     assert by_loss_weight == pytest.approx([ce, ce + distill, ce + 2.5 * distill], rel=RTOL)
     # tau: the distillation term at that temperature (tau^2-scaled), not the tau = 2 one.
     for tau in (1.0, 4.0):
-        at_tau = direct(kind, LossConfig(kind=kind, tau=tau, loss_weight=1.0), student,
-                        teacher, labels)  # fmt: skip
+        at_tau = direct(
+            kind, LossConfig(kind=kind, tau=tau, loss_weight=1.0), student, teacher, labels
+        )
         assert total(tau=tau, loss_weight=1.0, ce_weight=0.0) == pytest.approx(
             float(at_tau[kind]), rel=RTOL
         )

@@ -6,6 +6,8 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +203,16 @@ def test_command_line(tmp_path, capsys):
     assert synthetic.main(["--out", str(tmp_path / "bad"), "--image-size", "8"]) == 2
     assert "data.synthetic.image_size must be >= 16" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_module_runs_without_being_imported_twice():
+    """``python -m fastkd.data.synthetic`` starts from the package, which must not import the
+    generator first (runpy would then warn that the module it runs is already imported)."""
+    result = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "fastkd.data.synthetic", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "found in sys.modules" not in result.stderr

@@ -193,9 +193,13 @@ def test_compiled_step_matches_eager(tiny_imagefolder, tmp_path):
         )
         models = build_models(cfg, 4, CPU)
         state = build_train_state(
-            cfg, models, dist=CPU, precision=resolve_precision("off", CPU.device),
-            steps_per_epoch=10, metrics=MetricsWriter(tmp_path, enabled=False),
-        )  # fmt: skip
+            cfg,
+            models,
+            dist=CPU,
+            precision=resolve_precision("off", CPU.device),
+            steps_per_epoch=10,
+            metrics=MetricsWriter(tmp_path, enabled=False),
+        )
         before = {k: v.detach().clone() for k, v in models.student.named_parameters()}
         terms, _ = train_step(state, images, labels)
         deltas = {k: v.detach() - before[k] for k, v in models.student.named_parameters()}
@@ -224,9 +228,16 @@ def test_eval_counts_every_image_once_with_an_odd_batch(tiny_imagefolder, tmp_pa
     out = tmp_path / "eval.json"
     # 20 validation images, batch 3: the last batch holds 2.
     code = eval_main(
-        ["--config", str(config), "data.val_batch_size=3", "--checkpoint", str(tmp_path / "run" / "student.pt"),
-         "--json", str(out)]
-    )  # fmt: skip
+        [
+            "--config",
+            str(config),
+            "data.val_batch_size=3",
+            "--checkpoint",
+            str(tmp_path / "run" / "student.pt"),
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     result = json.loads(out.read_text())
     assert result["num_images"] == 20
@@ -317,9 +328,12 @@ def test_trained_teacher_is_loaded_and_evaluated(tiny_imagefolder, tmp_path):
     # used for its student, so the two measurements are equal on any CPU (folding would change
     # the rounding, and near-tie logits may flip differently on other instruction sets).
     student_cfg = write_config(
-        tmp_path / "s", tiny_imagefolder, loss={"kind": "wsld"},
-        teacher={"weights": str(teacher_file), "fold_bn": False}, train={"epochs": 1},
-    )  # fmt: skip
+        tmp_path / "s",
+        tiny_imagefolder,
+        loss={"kind": "wsld"},
+        teacher={"weights": str(teacher_file), "fold_bn": False},
+        train={"epochs": 1},
+    )
     summary = run(load_config(student_cfg))
     assert summary["teacher_weights"] == f"file {teacher_file}"
     assert summary["teacher_top1"] == teacher_summary["top1"]
@@ -402,9 +416,15 @@ def test_cli_eval_missing_checkpoint(tiny_imagefolder, tmp_path):
 def test_print_config(tiny_imagefolder, tmp_path):
     config = write_config(tmp_path, tiny_imagefolder)
     result = run_cli(
-        "fastkd.train", "--config", str(config), "optim.lr=1e-3", "train.amp=off",
-        "train.profile=true", "data.dali_device=cpu", "--print-config",
-    )  # fmt: skip
+        "fastkd.train",
+        "--config",
+        str(config),
+        "optim.lr=1e-3",
+        "train.amp=off",
+        "train.profile=true",
+        "data.dali_device=cpu",
+        "--print-config",
+    )
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)  # typed values, readable by any YAML tool
     assert printed["optim"]["lr"] == 0.001 and printed["train"]["amp"] == "off"
@@ -430,9 +450,13 @@ def test_fp16_scaler_with_an_optimizer_that_syncs_is_announced(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         build_train_state(
-            cfg, models, dist=CPU, precision=engine.Precision("fp16", torch.float16, True),
-            steps_per_epoch=3, metrics=MetricsWriter(tmp_path, enabled=False),
-        )  # fmt: skip
+            cfg,
+            models,
+            dist=CPU,
+            precision=engine.Precision("fp16", torch.float16, True),
+            steps_per_epoch=3,
+            metrics=MetricsWriter(tmp_path, enabled=False),
+        )
     messages = [str(w.message) for w in caught if "synchronizes the host" in str(w.message)]
     assert len(messages) == int(warns), messages
     if warns:
@@ -471,8 +495,9 @@ def test_start_log_says_global_batch_lr_per_256_and_the_loss_implementation(
     with caplog.at_level("INFO", logger="fastkd"):
         assert log_recipe(cfg, four) == "wsld (fused C++ op (CPU kernels))"
     assert "global batch 32 (8 per process x 4), lr 0.05 = 0.4 per 256 images" in caplog.text
-    reference = load_config(write_config(tmp_path, tiny_imagefolder,
-                                         loss={"kind": "wsld", "impl": "reference"}))  # fmt: skip
+    reference = load_config(
+        write_config(tmp_path, tiny_imagefolder, loss={"kind": "wsld", "impl": "reference"})
+    )
     assert log_recipe(reference, CPU) == "wsld (reference (plain PyTorch))"
     assert log_recipe(load_config(write_config(tmp_path, tiny_imagefolder)), CPU) == "ce"
     # A warm-up as long as the run (a smoke run of a recipe with warm-up) is said, not refused.
@@ -492,7 +517,8 @@ def test_a_gpu_build_without_the_cuda_kernel_warns_or_refuses(
     cfg = load_config(write_config(tmp_path, tiny_imagefolder, loss={"kind": "wsld"}))
     with pytest.warns(UserWarning, match="reference implementation.*FASTKD_BUILD_CUDA=1"):
         assert log_recipe(cfg, gpu).startswith("wsld (reference")
-    fused = load_config(write_config(tmp_path, tiny_imagefolder,
-                                     loss={"kind": "wsld", "impl": "fused"}))  # fmt: skip
+    fused = load_config(
+        write_config(tmp_path, tiny_imagefolder, loss={"kind": "wsld", "impl": "fused"})
+    )
     with pytest.raises(ConfigError, match="loss.impl=fused but this fastkd._C has no cuda"):
         log_recipe(fused, gpu)

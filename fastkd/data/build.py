@@ -20,6 +20,7 @@ import torch
 from fastkd.config import DataConfig
 from fastkd.data.folder import SplitIndex, drop_bad_images, scan_split
 from fastkd.data.spec import Loader, LoaderSpec
+from fastkd.data.torch_loader import TorchLoader
 from fastkd.distributed import DistInfo, broadcast_from_main, fail_together
 
 log = logging.getLogger("fastkd")
@@ -129,8 +130,6 @@ def build_loader(index: SplitIndex, spec: LoaderSpec) -> Loader:
         dali_backend = _import_dali_backend()
         if dali_backend is not None:
             return dali_backend.DaliLoader(index, spec)
-    from fastkd.data.torch_loader import TorchLoader
-
     return TorchLoader(index, spec)
 
 
