@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import sys
 import types
@@ -263,7 +264,7 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         # The loss functions check tau again for library callers; this names the config key.
-        _require(self.tau > 0, f"loss.tau must be > 0, got {self.tau}")
+        _require(0 < self.tau < math.inf, f"loss.tau must be > 0 and finite, got {self.tau}")
         _require(
             self.loss_weight >= 0 and self.ce_weight >= 0,
             "loss.loss_weight and loss.ce_weight must be >= 0",

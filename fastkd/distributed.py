@@ -6,7 +6,7 @@ the process group: NCCL on GPUs, Gloo on CPUs.
 
 Setup steps, where ranks may wait for one another for long (rank 0 scanning a data set of millions
 of files, a rank downloading weights), talk over a second process group of the same backend whose
-timeout is ``run.setup_timeout_min``: `broadcast_from_main`, `agree_on`, `setup_barrier`,
+timeout is ``run.setup_timeout_min``: `broadcast_from_main`, `agree_on`,
 `ranks_agree` and `fail_together`. A slow setup step never trips NCCL's 10-minute timeout, which
 stays the watchdog of the training collectives.
 """
@@ -115,12 +115,6 @@ def broadcast_from_main(obj: Any, info: DistInfo) -> Any:
     box = [obj if info.is_main else None]
     dist.broadcast_object_list(box, src=0, group=_setup_group)
     return box[0]
-
-
-def setup_barrier(info: DistInfo) -> None:
-    """Wait for every rank, with the setup timeout (e.g. while rank 0 generates data)."""
-    if _distributed(info):
-        dist.barrier(group=_setup_group)
 
 
 def disagreement(views: list[dict[str, Any]]) -> str | None:

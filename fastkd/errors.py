@@ -1,7 +1,8 @@
 """The errors a user can fix, under one base class the entry points catch.
 
-Every entry point (``python -m fastkd.train``, ``fastkd.eval``, ``fastkd.quickstart``, the
-benchmarks) prints a `UserError` as one ``fastkd: error: ...`` line and exits with status 2;
+Every entry point prints a `UserError` as one ``fastkd: error: ...`` line (``python -m
+fastkd.train``, ``fastkd.eval``, ``fastkd.quickstart``, ``fastkd.data.synthetic``; a benchmark
+names itself instead of ``fastkd``) and exits with status 2;
 anything else is a bug and keeps its traceback. Each message names the culprit (key, file,
 rank) and what to do.
 """

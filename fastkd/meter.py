@@ -4,7 +4,7 @@
 loss terms and the correct predictions in device tensors and reads them back (one host
 synchronization) only at log intervals, every ``train.log_every`` steps. Throughput counts only
 steady-state steps: the run's first step (compilation and warm-up) is reported apart and the
-steps ``train.profile`` records are left out. Each interval writes a ``step`` record to
+steps ``train.profile.enabled`` records are left out. Each interval writes a ``step`` record to
 metrics.jsonl and a progress line with an ETA; `TrainMeter.end_epoch` reduces the epoch's sums
 across ranks.
 """

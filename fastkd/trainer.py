@@ -1,6 +1,7 @@
-"""A training run: `Trainer.setup` builds it, `Trainer.fit` trains it, `Trainer.finish` reports it.
+"""A training run: `Trainer.setup` builds it, `Trainer.fit` trains it, `Trainer.close` releases
+its loaders, metrics file and profiler (also after a failure), `Trainer.finish` reports it.
 
-``python -m fastkd.train`` (and ``fastkd.quickstart``) call `run`, which is those three steps.
+``python -m fastkd.train`` (and ``fastkd.quickstart``) call `run`, which is those four steps.
 One run trains ``student.arch`` on ``data.root`` with ``loss.kind``: ``ce`` (hard labels: teachers
 and baselines), ``kd`` (Hinton) or ``wsld`` (Weighted Soft Label Distillation from a frozen
 ``teacher``); under torchrun it is data-parallel (DDP). The run folder receives ``config.yaml``,
@@ -10,6 +11,7 @@ from `fastkd.builders`, the step and evaluation from `fastkd.engine`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -176,7 +178,7 @@ class Trainer:
     best_top1: float = float("-inf")
     history: list[dict[str, Any]] = field(default_factory=list)
     last_eval: dict[str, Any] | None = None
-    train_time_s: float = 0.0
+    fit_start: float | None = None  # perf_counter() when fit began
 
     @property
     def run_dir(self) -> Path:
@@ -188,14 +190,35 @@ class Trainer:
 
     @classmethod
     def setup(cls, cfg: Config, dist: DistInfo) -> Trainer:
-        """Build every part of a run (a collective under torchrun); resume when asked."""
+        """Build every part of a run (a collective under torchrun); resume when asked.
+
+        What is built before a failure (loaders, metrics file, profiler) is released again.
+        """
+        cfg.validate()  # a config assembled in code gets the checks a loaded one had
         seed_everything(cfg.run.seed, cfg.run.deterministic)
         resume_path = agreed_resume(cfg, dist)
         if dist.is_main:
             save_config(cfg, Path(cfg.run.dir) / "config.yaml")
         prepare_data_root(cfg.data, dist)  # the synthetic set, when asked, before anyone scans
         precision = resolve_precision(cfg.train.amp, dist.device)
+        with contextlib.ExitStack() as on_failure:
+            trainer = cls._build(cfg, dist, precision, resume_path, on_failure)
+            on_failure.pop_all()  # built: the trainer owns its loaders, metrics file and profiler
+        return trainer
+
+    @classmethod
+    def _build(
+        cls,
+        cfg: Config,
+        dist: DistInfo,
+        precision: Precision,
+        resume_path: Path | None,
+        on_failure: contextlib.ExitStack,
+    ) -> Trainer:
+        """`setup`'s parts that hold resources, each registering its release on ``on_failure``."""
         train_loader, val_loader = build_loaders(cfg, dist, precision)
+        on_failure.callback(train_loader.close)
+        on_failure.callback(val_loader.close)
         models = build_models(cfg, train_loader.num_classes, dist)
         _log_setup(cfg, dist, precision, models, train_loader, val_loader)
         flops_per_image = count_step_flops(
@@ -205,6 +228,7 @@ class Trainer:
         _log_flops(flops_per_image, peak_flops, precision)
         teacher_eval = _evaluate_teacher(cfg, models, val_loader, precision, dist)
         metrics = MetricsWriter(cfg.run.dir, enabled=dist.is_main)
+        on_failure.callback(metrics.close)
         state = build_train_state(
             cfg,
             models,
@@ -217,6 +241,8 @@ class Trainer:
         )
         log.info("optimizer: %s", state.optimizer_name)
         state.profiler = _build_profiler(cfg, dist)
+        if state.profiler is not None:
+            on_failure.callback(state.profiler.close)
         trainer = cls(cfg, dist, precision, train_loader, val_loader, models, state, teacher_eval)
         trainer.resume(resume_path)
         metrics.write(
@@ -252,7 +278,7 @@ class Trainer:
 
     def fit(self) -> None:
         """The epoch loop: train, evaluate when due, log, checkpoint."""
-        epochs, start = self.cfg.train.epochs, time.perf_counter()
+        epochs, self.fit_start = self.cfg.train.epochs, time.perf_counter()
         for epoch in range(self.start_epoch + 1, epochs + 1):
             self.train_loader.set_epoch(epoch - 1)
             stats = train_one_epoch(self.state, self.train_loader, epoch, epochs, self.steps)
@@ -268,7 +294,6 @@ class Trainer:
             self.save_checkpoint(epoch, improved)
         if self.last_eval is None:  # resumed after the final epoch: evaluate what we have
             self.evaluate()
-        self.train_time_s = time.perf_counter() - start
 
     def evaluate(self) -> bool:
         """Evaluate the student on the validation set; True when its top-1 is a new best."""
@@ -308,9 +333,9 @@ class Trainer:
         self.val_loader.close()
 
     def finish(self) -> dict[str, Any]:
-        """Write summary.json and student.pt (rank 0); returns the summary."""
-        assert self.last_eval is not None
-        summary = self.summary()
+        """Write summary.json and student.pt (rank 0) after `fit` and `close`; returns the summary."""
+        assert self.last_eval is not None and self.fit_start is not None
+        summary = self.summary(train_time_s=time.perf_counter() - self.fit_start)
         if self.dist.is_main:
             ckpt_io.export_student(self.models.student, self.run_dir / "student.pt")
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -325,7 +350,7 @@ class Trainer:
         barrier()
         return summary
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, train_time_s: float) -> dict[str, Any]:
         """The run's result as summary.json holds it."""
         cfg, teacher, last_eval = self.cfg, self.models.teacher, self.last_eval
         assert last_eval is not None
@@ -342,7 +367,7 @@ class Trainer:
             "num_val_images": last_eval["num_images"],
             "epochs": cfg.train.epochs,
             "img_per_s": _mean([h["img_per_s"] for h in self.history]),
-            "train_time_s": self.train_time_s,
+            "train_time_s": train_time_s,
             "compile_time_s": self.state.meter.compile_time_s,
             "flops_per_image": self.state.meter.flops_per_image,
             "device": str(self.dist.device),

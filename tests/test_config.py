@@ -267,6 +267,7 @@ def test_unknown_key_in_file(tmp_path):
         ("data.synthetic.image_size=8", "data.synthetic.image_size must be >= 16"),
         ("loss.tau=0", "loss.tau must be > 0"),
         ("loss.tau=-2", "loss.tau must be > 0"),
+        ("loss.tau=.inf", "loss.tau must be > 0 and finite"),
         ("loss.loss_weight=-1", "loss.loss_weight and loss.ce_weight must be >= 0"),
         ("loss.ce_weight=-1", "loss.loss_weight and loss.ce_weight must be >= 0"),
         ("loss.label_smoothing=1", "loss.label_smoothing must be in [0, 1)"),

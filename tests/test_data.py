@@ -917,3 +917,13 @@ def test_dali_skips_several_bad_images_met_in_one_pass(make_data_config, bad_ima
         assert len(_epoch(train)[1]) == train.num_samples
     assert train.builds == builds
     train.close()
+
+
+def test_building_a_loader_never_writes(make_data_config, tmp_path):
+    """Generating the synthetic set is a setup step (`prepare_data_root`): a loader built on a
+    missing root with data.synthetic.enabled reports the missing folder and creates nothing."""
+    root = tmp_path / "not_yet"
+    cfg = make_data_config(root=str(root), backend="torch", synthetic={"enabled": True})
+    with pytest.raises(DataError, match="not_yet"):
+        build_train_loader(cfg, device=CPU)
+    assert not root.exists()

@@ -522,3 +522,29 @@ def test_a_gpu_build_without_the_cuda_kernel_warns_or_refuses(
     )
     with pytest.raises(ConfigError, match="loss.impl=fused but this fastkd._C has no cuda"):
         log_recipe(fused, gpu)
+
+
+def test_a_failed_setup_releases_the_loaders_it_built(tiny_imagefolder, tmp_path, monkeypatch):
+    """A setup that fails after the loaders exist (here: the models) closes them again: no DALI
+    pipeline or DataLoader worker outlives the error."""
+    import fastkd.trainer as trainer_module
+
+    closed: list[str] = []
+    real_build_loaders = trainer_module.build_loaders
+
+    def recording_build_loaders(*args, **kwargs):
+        loaders = real_build_loaders(*args, **kwargs)
+        for name, loader in zip(("train", "val"), loaders, strict=True):
+            original = loader.close
+            loader.close = lambda name=name, original=original: (closed.append(name), original())
+        return loaders
+
+    def failing_build_models(*args, **kwargs):
+        raise ModelError("student.arch=nope: no such architecture")
+
+    monkeypatch.setattr(trainer_module, "build_loaders", recording_build_loaders)
+    monkeypatch.setattr(trainer_module, "build_models", failing_build_models)
+    config = write_config(tmp_path, tiny_imagefolder, train={"epochs": 1})
+    with pytest.raises(ModelError, match="no such architecture"):
+        run(load_config(config))
+    assert sorted(closed) == ["train", "val"]

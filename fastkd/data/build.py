@@ -31,21 +31,24 @@ _warned_no_dali = False
 def prepare_data_root(cfg: DataConfig, dist: DistInfo) -> None:
     """Generate ``data.synthetic`` at ``data.root`` when enabled and missing (a collective).
 
+    A setup step the trainer and ``fastkd.eval`` run before scanning: building a loader never
+    generates or writes anything.
+
     Rank 0 generates first. Then one process per other node does the same for its node: on a
     filesystem every node shares it finds rank 0's set and does nothing, on a node's own disk it
     writes that node's copy (the same bytes). A failure anywhere stops every rank.
     """
-    if not cfg.synthetic.enabled:
-        return
-    # Imported here, not at the top: ``python -m fastkd.data.synthetic`` imports this package
+    # Every rank takes part in both steps whatever its config says: a node whose overrides
+    # differ must not leave the others waiting in a collective (`agree_on` names the difference
+    # later). Imported here, not at the top: ``python -m fastkd.data.synthetic`` imports this package
     # first, and would otherwise find its own module already imported (runpy's warning).
     from fastkd.data.synthetic import prepare_synthetic
 
     with fail_together(dist, "generating the synthetic data set"):
-        if dist.is_main:
+        if cfg.synthetic.enabled and dist.is_main:
             prepare_synthetic(cfg)
     with fail_together(dist, "generating the synthetic data set on its node"):
-        if dist.local_rank == 0 and not dist.is_main:
+        if cfg.synthetic.enabled and dist.local_rank == 0 and not dist.is_main:
             prepare_synthetic(cfg)
 
 

@@ -384,7 +384,6 @@ class DaliLoader(PlannedLoader):
                 "set data.dali.device=auto or cpu"
             )
         self.backend = "dali-gpu" if use_gpu else "dali-cpu"
-        self.channels_last = spec.channels_last
         self.on_bad_image = data.on_bad_image
         self.builds = 0
         self._crop_area = (float(data.crop_area[0]), float(data.crop_area[1]))

@@ -47,7 +47,7 @@ class Loader(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds the (mutable) DataConfig: compared by identity
 class LoaderSpec:
     """One split's loader for one rank: the ``data`` section plus what the run decides.
 
@@ -105,7 +105,7 @@ class PlannedLoader:
         self.classes = list(index.classes)
         self.num_classes = len(index.classes)
         self.device, self.dtype, self.train = spec.device, spec.dtype, spec.train
-        self.batch_size = spec.batch_size
+        self.batch_size, self.channels_last = spec.batch_size, spec.channels_last
         self.plan = ShardPlan(
             len(index),
             train=spec.train,

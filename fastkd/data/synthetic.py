@@ -44,7 +44,7 @@ from PIL import Image
 
 from fastkd.config import DATA_ROOT_EMPTY, DataConfig, SyntheticConfig
 from fastkd.data.folder import scan_imagefolder
-from fastkd.errors import ConfigError, DataError
+from fastkd.errors import DataError, UserError
 
 MARKER_NAME = ".fastkd_synthetic.json"
 # Bump when the rendering changes: a set written by another version must not pass for this one.
@@ -426,8 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
         )
         root = make_synthetic_imagefolder(args.out, cfg)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except UserError as exc:
+        print(f"fastkd: error: {exc}", file=sys.stderr)
         return 2
     index = scan_imagefolder(root, num_classes=cfg.num_classes)
     print(

@@ -178,7 +178,6 @@ class TorchLoader(PlannedLoader):
     def __init__(self, index: SplitIndex, spec: LoaderSpec) -> None:
         super().__init__(index, spec)
         data = spec.data
-        self._memory_format = spec.memory_format
         if self.train:
             transform = train_transform(data.image_size, (data.crop_area[0], data.crop_area[1]))
         else:
@@ -219,7 +218,7 @@ class TorchLoader(PlannedLoader):
         # the conversion and normalization below keep that memory format; an NCHW run gets its
         # contiguous copy in the same pass as the conversion to float.
         images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        images = images.to(torch.float32, memory_format=self._memory_format)
+        images = images.to(torch.float32, memory_format=self.spec.memory_format)
         images = images.sub_(self._mean).div_(self._std)
         if self.dtype != torch.float32:
             images = images.to(self.dtype)
