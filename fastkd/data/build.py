@@ -159,18 +159,20 @@ def build_train_loader(
     signature and end marker first (about 20 us a file) so bad images are reported or skipped
     before training starts; without it they are handled when the decoders meet them.
     """
-    spec = LoaderSpec(
-        cfg,
-        "train",
-        device=device,
-        dtype=dtype,
-        channels_last=channels_last,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        max_batches=max_batches,
+    return _scanned_loader(
+        LoaderSpec(
+            cfg,
+            "train",
+            device=device,
+            dtype=dtype,
+            channels_last=channels_last,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            max_batches=max_batches,
+        ),
+        prescan,
     )
-    return build_loader(scan_splits(cfg, ("train",), prescan)["train"], spec)
 
 
 def build_val_loader(
@@ -190,13 +192,20 @@ def build_val_loader(
     may get none when there are fewer images than ranks); sum counts across ranks.
     ``dtype``, ``prescan`` and ``channels_last`` as for `build_train_loader`.
     """
-    spec = LoaderSpec(
-        cfg,
-        "val",
-        device=device,
-        dtype=dtype,
-        channels_last=channels_last,
-        rank=rank,
-        world_size=world_size,
+    return _scanned_loader(
+        LoaderSpec(
+            cfg,
+            "val",
+            device=device,
+            dtype=dtype,
+            channels_last=channels_last,
+            rank=rank,
+            world_size=world_size,
+        ),
+        prescan,
     )
-    return build_loader(scan_splits(cfg, ("val",), prescan)["val"], spec)
+
+
+def _scanned_loader(spec: LoaderSpec, prescan: bool | None) -> Loader:
+    """`build_loader` on a fresh scan of the spec's split (one process: no sharing)."""
+    return build_loader(scan_splits(spec.data, (spec.split,), prescan)[spec.split], spec)
