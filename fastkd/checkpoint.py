@@ -1,4 +1,4 @@
-"""Checkpoints: atomic saves, validated loads, and the bare student export.
+"""Checkpoints: durable atomic saves, validated loads, RNG states and the bare student export.
 
 A fastkd checkpoint is a dict with ``format: "fastkd-checkpoint"``, the completed epoch count, the
 student weights (wrapper prefixes stripped, so they load into the plain torchvision model), the
@@ -7,10 +7,15 @@ optimizer / scheduler / grad-scaler states, the best top-1 so far and the resolv
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import random
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fastkd.errors import CheckpointError
@@ -20,17 +25,81 @@ FORMAT = "fastkd-checkpoint"
 VERSION = 1
 
 
+# Errors with which a filesystem refuses to fsync a directory (some network and FUSE mounts):
+# the rename is then as durable as that filesystem makes it, and the save still succeeds.
+_DIR_FSYNC_REFUSED = {errno.EINVAL, errno.EBADF, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP}
+# ``.{name}.tmp{pid}``, the temporaries `atomic_save` writes for ``.pt`` files.
+_STALE_TEMPORARY = re.compile(r"\..+\.pt\.tmp[0-9]+")
+
+
+def _fsync_folder(folder: Path) -> None:
+    """fsync ``folder`` so a rename in it is on disk; a filesystem refusing that is no error."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        if exc.errno in _DIR_FSYNC_REFUSED:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _DIR_FSYNC_REFUSED:
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves a torn file behind."""
+    """``torch.save`` ``obj`` to ``path`` so that ``path`` always holds a complete file.
+
+    The bytes go to ``.{name}.tmp{pid}`` in the same folder, are flushed and fsynced, the
+    temporary is renamed over ``path`` (``os.replace``), then the folder is fsynced. Guarantees:
+
+    - until the rename, ``path`` keeps its previous content, complete; the rename switches it to the
+      complete new file in one step, so a killed process leaves ``path`` old or new, never torn;
+    - once this returns, the new file and its name are on disk (the fsyncs), so a machine crash or
+      power loss afterwards loses neither, and one before leaves the old file whole (the data is
+      on disk before the rename can be);
+    - on an exception (``KeyboardInterrupt`` too) the temporary is removed and the exception
+      re-raised, ``path`` untouched. Only a killed process leaves its temporary behind: see
+      `remove_stale_temporaries`.
+
+    A filesystem that refuses to fsync a directory (EINVAL, EBADF, EPERM, ENOTSUP) does not fail
+    the save; the rename is then as durable as that filesystem makes it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException:
+        with contextlib.suppress(OSError):  # the original error says more
+            tmp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the ``.{name}.pt.tmp{pid}`` files killed `atomic_save` calls left in ``folder``.
+
+    Only files so named go (``.last.pt.tmp1234``), nothing else, not recursively. A temporary
+    being written right now would go too, so call this before the run's first save (rank 0 at
+    start). Returns the removed paths, sorted; a missing folder removes nothing.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if _STALE_TEMPORARY.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink(missing_ok=True)
+                removed.append(Path(entry.path))
+    return sorted(removed)
 
 
 def make_checkpoint(
@@ -89,3 +158,48 @@ def export_student(student: torch.nn.Module, path: str | Path) -> None:
     """Save the student's bare state dict, loadable with ``torchvision.models.X().load_state_dict``."""
     state = {k: v.detach().cpu() for k, v in strip_wrapper_prefixes(student.state_dict()).items()}
     atomic_save(state, path)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global random generator that can shape training, loadable with ``weights_only=True``.
+
+    Python's `random`, NumPy's legacy global generator (cached gaussian included), torch's CPU
+    generator, and the CUDA generators of every device when CUDA is initialized (else None: asking
+    would initialize it). Only tensors, ints, floats, strings and None, so a checkpoint holding it
+    still loads with ``torch.load(..., weights_only=True)``.
+    """
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if cuda else None,
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Put back the generators `rng_state` captured: the next draws repeat the captured ones.
+
+    Pieces missing or None are left alone; CUDA states are skipped (no error) when this machine's
+    CUDA device count differs from the one that captured them.
+    """
+    if (py := state.get("python")) is not None:
+        random.setstate((py["version"], tuple(int(v) for v in py["state"]), py["gauss_next"]))
+    if (npy := state.get("numpy")) is not None:
+        keys = torch.as_tensor(npy["keys"]).numpy().astype(np.uint32)
+        np.random.set_state(
+            (npy["kind"], keys, int(npy["pos"]), int(npy["has_gauss"]), npy["cached_gaussian"])
+        )
+    if (cpu := state.get("torch")) is not None:
+        torch.set_rng_state(cpu)
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
