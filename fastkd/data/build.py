@@ -154,10 +154,12 @@ def build_train_loader(
     Every batch holds exactly ``cfg.batch_size`` images and every rank yields the same number of
     batches from a disjoint shard; the order and the crops and flips are a function of (``seed``,
     epoch) selected with ``loader.set_epoch(epoch)`` (without it, a second pass repeats the
-    epoch, as ``DistributedSampler`` does). ``max_batches`` (0 = all) caps the batches of a pass
-    (``train.max_steps_per_epoch``). ``prescan`` (None: ``cfg.prescan``) checks every file's
-    signature and end marker first (about 20 us a file) so bad images are reported or skipped
-    before training starts; without it they are handled when the decoders meet them.
+    epoch, as ``DistributedSampler`` does); ``set_epoch(epoch, start_batch=k)`` starts the pass at
+    batch k, bitwise as an uninterrupted pass goes on there (a mid-epoch resume). ``max_batches``
+    (0 = all) caps the batches of a pass (``train.max_steps_per_epoch``). ``prescan`` (None:
+    ``cfg.prescan``) checks every file's signature and end marker first (about 20 us a file) so
+    bad images are reported or skipped before training starts; without it they are handled when
+    the decoders meet them.
     """
     return _scanned_loader(
         LoaderSpec(

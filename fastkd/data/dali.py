@@ -12,7 +12,9 @@ Augmentation randomness does not come from DALI's own generators, whose state wo
 how long a pipeline has run: each sample's window and flip are computed in the pipeline from
 uniform numbers fed with its file name, drawn from the sample's seed in
 `fastkd.data.sharding.ShardPlan` (a function of run seed, epoch and position only). An epoch's
-crops are therefore the same in a resumed run, after a rebuild and for any thread count.
+crops are therefore the same in a resumed run, after a rebuild and for any thread count: a
+sample's crop never depends on where a run resumed, and a pass started at batch k
+(``set_epoch(epoch, start_batch=k)``) yields bitwise the batches k, k+1, ... of a whole pass.
 
 Validation reproduces torchvision's ``Resize(val_resize)`` + ``CenterCrop(image_size)``
 geometry exactly (same output sizes, same half-to-even crop offset), and the GPU decoder uses
@@ -21,9 +23,10 @@ PIL and torchvision transforms up to interpolation rounding.
 
 Sample order: the file names come from an ``external_source`` fed, batch by batch, from the same
 `fastkd.data.sharding.ShardPlan` the torch backend uses, and ``io.file.read`` reads them in DALI's
-threads. A loader builds its pipeline once and reuses it for every pass: a pass ends as soon as
-its last planned batch is delivered (the trainer never has to ask for one more), and only a pass
-broken off early (an exception) or a bad image met at run time forces a rebuild.
+threads. A loader builds its pipeline once and reuses it for every pass, whole or started
+mid-epoch: a pass ends as soon as its last planned batch is delivered (the trainer never has to
+ask for one more), and only a pass broken off early (an exception) or a bad image met at run
+time forces a rebuild.
 
 Memory (GPU decoding): the training decoder preallocates nvJPEG buffers sized for the largest
 ImageNet image (``data.dali.preallocate``), per DALI thread (``data.workers``): one device buffer
@@ -452,11 +455,13 @@ class DaliLoader(PlannedLoader):
     # -- planning --------------------------------------------------------------------------------
 
     def _planned_batches(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """This pass's (positions, sample seeds) batches, with files found bad at run time
-        replaced (train: the slot keeps its seed) or left out (val)."""
+        """This pass's (positions, sample seeds) batches: the epoch's from ``start_batch`` on,
+        with files found bad at run time replaced (train: the slot keeps its seed) or left out
+        (val). Seeds are cut with the positions, so a batch keeps its crops wherever a pass
+        starts."""
         batches = list(
             zip(self.plan.batches(self.epoch), self.plan.seed_batches(self.epoch), strict=True)
-        )
+        )[self.start_batch :]
         if not self._excluded:
             return batches
         if not self.train:
@@ -482,15 +487,18 @@ class DaliLoader(PlannedLoader):
     # -- iteration ---------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.num_samples == 0:  # a validation rank with no image (fewer images than ranks)
+        # Batch counts below are the pass's (from start_batch on), never the epoch's.
+        batches = self._planned_batches()
+        if not batches:
+            # Nothing to read (a pass started at the epoch's end, or a validation rank with no
+            # image): the pipeline is left as it is, ready for the next pass.
             return
         if self._iterator is None or self._pass_open:
             # A pass broken off early leaves batches queued in the pipeline: start afresh.
             self._build()
-        batches = self._planned_batches()
         assert self._source is not None and self._iterator is not None
         self._source.set_batches(batches)
-        self._source_offset = 0  # the pass's batch index of the source's first batch
+        self._source_offset = 0  # index in `batches` of the source's first batch
         self._pass_open = True
         iter(self._iterator)  # after a finished pass, resets the pipeline for the next one
         delivered = 0
@@ -510,7 +518,7 @@ class DaliLoader(PlannedLoader):
             delivered += 1
             if delivered == len(batches):
                 # Take the pass's end now: a consumer that stops after the last planned batch
-                # (the trainer takes exactly len(loader)) leaves the pipeline ready for reuse.
+                # (the trainer takes exactly pass_batches) leaves the pipeline ready for reuse.
                 self._end_pass()
             yield self._to_torch(outputs[0])
         self._pass_open = False
@@ -534,7 +542,10 @@ class DaliLoader(PlannedLoader):
         return images, labels
 
     def _recover(self, exc: RuntimeError, delivered: int) -> bool:
-        """Handle a pipeline failure: False if no bad file explains it, else raise or rebuild."""
+        """Handle a pipeline failure: False if no bad file explains it, else raise or rebuild.
+
+        ``delivered`` counts the batches of this pass delivered so far (from ``start_batch``).
+        """
         assert self._source is not None
         undelivered = self._source.emitted[delivered - self._source_offset :]
         in_flight = [int(p) for batch in undelivered for p in batch]

@@ -3,11 +3,13 @@
 A `LoaderSpec` binds the ``data`` section of a config to one split, one rank and the run's
 device, dtype and memory format; it is the one object a backend is built from. `PlannedLoader`
 is the prologue both backends share: the split's index, the per-rank `ShardPlan` (order,
-sharding, per-sample augmentation seeds) and the epoch selection.
+sharding, per-sample augmentation seeds) and the epoch selection, which may start a pass in the
+middle of the epoch (an exact resume: the same batches an uninterrupted pass yields there).
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
@@ -38,11 +40,22 @@ class Loader(Protocol):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
-    def __len__(self) -> int: ...  # batches this rank yields per epoch
+    def __len__(self) -> int: ...  # batches this rank yields per (whole) epoch
 
-    def set_epoch(self, epoch: int) -> None: ...
+    @property
+    def pass_batches(self) -> int: ...  # batches the next pass yields: len(self) - start_batch
 
-    def shard_indices(self) -> np.ndarray: ...  # file positions this rank reads, in order
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch of the next passes, and the batch they start from.
+
+        A pass then yields batches ``[start_batch:]`` of the epoch, bitwise the batches an
+        uninterrupted pass yields there (order and augmentation depend on (seed, epoch,
+        position) only): resuming from a checkpoint written after k steps of an epoch is
+        ``set_epoch(epoch, start_batch=k)``. ``0 <= start_batch <= len(self)``, else ValueError.
+        """
+        ...
+
+    def shard_indices(self) -> np.ndarray: ...  # file positions of the whole epoch, in order
 
     def close(self) -> None: ...
 
@@ -117,14 +130,30 @@ class PlannedLoader:
         )
         self.num_samples = self.plan.num_samples
         self.epoch = 0
+        self.start_batch = 0
 
     def __len__(self) -> int:
+        """Batches of a whole epoch, whatever ``start_batch`` is (the trainer counts on it)."""
         return self.plan.num_batches
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order (and augmentation) the next pass uses."""
-        self.epoch = epoch
+    @property
+    def pass_batches(self) -> int:
+        """Batches the next pass yields: those of the epoch from ``start_batch`` on."""
+        return len(self) - self.start_batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch whose order (and augmentation) the next passes use, and the batch
+        they start from (a resume in the middle of the epoch; see `Loader.set_epoch`)."""
+        start_batch = operator.index(start_batch)  # an int (a numpy or tensor one from a file)
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(
+                f"start_batch={start_batch} is not in [0, {len(self)}] "
+                f"(the batches of epoch {epoch} on this rank)"
+            )
+        self.epoch, self.start_batch = epoch, start_batch
 
     def shard_indices(self) -> np.ndarray:
-        """Positions in ``index.files`` this rank reads in the current epoch, in order."""
+        """Positions in ``index.files`` this rank reads in the current epoch, in order: the whole
+        epoch's, also when the next pass starts at ``start_batch`` (its samples are then
+        ``[start_batch * batch_size:]`` of them)."""
         return self.plan.indices(self.epoch)

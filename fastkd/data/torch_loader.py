@@ -9,15 +9,21 @@ copy) with ``train.channels_last``, else contiguous NCHW. Order and sharding com
 `fastkd.data.sharding.ShardPlan`, so this loader reads exactly the files the DALI loader reads.
 
 Augmentation randomness is seeded per sample from (seed, epoch, position in the epoch), which
-makes a sample's crop independent of the number of workers and of which worker decodes it.
+makes a sample's crop independent of the number of workers and of which worker decodes it; a
+sample's crop never depends on where a run resumed either: a pass started at batch k
+(``set_epoch(epoch, start_batch=k)``) yields bitwise the batches k, k+1, ... of a whole pass.
 Bad images met at run time: ``on_bad_image=error`` stops with a `DataError` naming the file;
 ``skip`` warns and, for training, puts the next file of the list in its place (fixed batch
 shape), for validation leaves it out (the batch gets one image shorter); with worker processes
 the warning is printed by the worker that met the file.
+
+Worker processes ignore SIGINT and SIGTERM (`ignore_stop_signals`): the main process handles
+them (a preempted run checkpoints first) and shuts its workers down itself.
 """
 
 from __future__ import annotations
 
+import signal
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
@@ -135,7 +141,8 @@ def collate_skipping_missing(batch: list[tuple[torch.Tensor, int] | None]) -> An
 
 
 class _PlanSampler(Sampler[tuple[int, int]]):
-    """Yields ``(position, augmentation seed)`` of the plan's samples for ``epoch``, in order.
+    """Yields ``(position, augmentation seed)`` of the plan's samples for ``epoch``, in order,
+    from batch ``start_batch`` on (seeds cut with the positions: a batch keeps its crops).
 
     It holds no reference back to the loader: a loader -> DataLoader -> sampler -> loader cycle
     would outlive the last reference until a garbage collection, which may then run inside a
@@ -145,14 +152,31 @@ class _PlanSampler(Sampler[tuple[int, int]]):
     def __init__(self, plan: ShardPlan) -> None:
         self.plan = plan
         self.epoch = 0
+        self.start_batch = 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        positions = self.plan.indices(self.epoch).tolist()
-        seeds = self.plan.sample_seeds(self.epoch).tolist()
+        start = self.start_batch * self.plan.batch_size
+        positions = self.plan.indices(self.epoch)[start:].tolist()
+        seeds = self.plan.sample_seeds(self.epoch)[start:].tolist()
         return iter(zip(positions, seeds, strict=True))
 
     def __len__(self) -> int:
-        return self.plan.num_samples
+        return max(0, self.plan.num_samples - self.start_batch * self.plan.batch_size)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """The DataLoader's ``worker_init_fn``: a worker process ignores SIGINT and SIGTERM.
+
+    SLURM preemption (SIGTERM) and Ctrl-C (SIGINT) reach every process of the job or of the
+    terminal's process group, workers included. The trainer's main process handles the signal
+    by finishing its step and writing a checkpoint; a worker killed by the same signal would
+    make the DataLoader raise "worker killed by signal" first. The main process still shuts its
+    workers down itself (`TorchLoader.close`), and PyTorch's watchdog ends workers whose parent
+    died.
+    """
+    del worker_id  # the same for every worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _unwrap_worker_error(exc: DataError) -> str:
@@ -204,12 +228,16 @@ class TorchLoader(PlannedLoader):
             # would draw from the global generator and shift the trainer's random stream at
             # every pass. (Augmentation does not use that seed: see _PlanSampler.)
             generator=torch.Generator().manual_seed(self.plan.seed),
+            # Preemption and Ctrl-C are the main process's to handle: see ignore_stop_signals.
+            worker_init_fn=ignore_stop_signals,
         )
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order (and augmentation seeds) the next pass uses."""
-        super().set_epoch(epoch)
-        self._sampler.epoch = epoch  # the sampler must not refer back to the loader
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch whose order (and augmentation seeds) the next passes use, and the
+        batch they start from (see `fastkd.data.spec.Loader.set_epoch`)."""
+        super().set_epoch(epoch, start_batch)
+        # The sampler must not refer back to the loader: it gets the values.
+        self._sampler.epoch, self._sampler.start_batch = self.epoch, self.start_batch
 
     def _to_device(
         self, images: torch.Tensor, labels: torch.Tensor
@@ -238,4 +266,10 @@ class TorchLoader(PlannedLoader):
         iterator = getattr(self._dataloader, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
+            # PyTorch's last resort for a worker that does not exit is SIGTERM, which ours
+            # ignore (`ignore_stop_signals`): kill such a worker, or exiting would wait for it.
+            for worker in getattr(iterator, "_workers", []):
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join(timeout=5.0)
         self._dataloader._iterator = None
