@@ -3,6 +3,10 @@
 A fastkd checkpoint is a dict with ``format: "fastkd-checkpoint"``, the completed epoch count, the
 student weights (wrapper prefixes stripped, so they load into the plain torchvision model), the
 optimizer / scheduler / grad-scaler states, the best top-1 so far and the resolved config.
+Version 2 adds what an exact resume needs (written by `fastkd.trainer.Trainer.save_checkpoint`):
+``step`` (steps done in the epoch after ``epoch``; 0 at an epoch's end), ``global_step``,
+``steps_per_epoch``, ``world_size``, ``rng`` (one `rng_state` per rank), ``meter`` (the epoch's
+sums so far, when ``step`` > 0) and ``reason`` (``epoch``, ``timed`` or ``preempted``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from fastkd.errors import CheckpointError
 from fastkd.models import load_failure, strip_wrapper_prefixes
 
 FORMAT = "fastkd-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the position inside an epoch, RNG states, meter sums (1 still loads)
 
 
 # Errors with which a filesystem refuses to fsync a directory (some network and FUSE mounts):

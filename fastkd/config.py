@@ -374,6 +374,11 @@ class TrainConfig:
     max_steps_per_epoch: int = _doc(
         "cap on steps per epoch; 0 = the full epoch (smoke tests, benchmarks)", default=0
     )
+    checkpoint_minutes: float = _doc(
+        "also write last.pt (with the exact step) this often inside epochs, besides every "
+        "epoch's end and on SIGTERM/SIGINT; 0 = only those",
+        default=30.0,
+    )
     sync_bn: bool = _doc("SyncBatchNorm for the student under DDP", default=False)
     profile: ProfileConfig = _doc(
         "torch.profiler over a few steps (fastkd/profiling.py)", default_factory=ProfileConfig
@@ -389,6 +394,11 @@ class TrainConfig:
         _require(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
         _require(self.eval_every >= 1, f"train.eval_every must be >= 1, got {self.eval_every}")
         _require(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch must be >= 0")
+        _require(
+            math.isfinite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0,
+            f"train.checkpoint_minutes must be a number >= 0 (0 = epoch ends only), got "
+            f"{self.checkpoint_minutes}",
+        )
 
 
 @dataclass

@@ -78,11 +78,12 @@ def check_launcher(environ: dict[str, str] | None = None) -> None:
 
 
 _setup_group: Any = None  # the group of long setup waits (see the module docstring)
+_control_group: Any = None  # a Gloo group for the per-step stop/checkpoint flags (fastkd.control)
 
 
 def init_distributed(device_preference: str = "auto", setup_timeout_min: int = 60) -> DistInfo:
     """Join the torchrun process group when launched by torchrun, else a world of one."""
-    global _setup_group
+    global _setup_group, _control_group
     check_launcher()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -98,7 +99,25 @@ def init_distributed(device_preference: str = "auto", setup_timeout_min: int = 6
         # The default backend: NCCL's timeout is per group, and a Gloo group would need Gloo's
         # own network set-up (GLOO_SOCKET_IFNAME) on clusters where only NCCL is configured.
         _setup_group = dist.new_group(timeout=timedelta(minutes=setup_timeout_min))
+        # Host-side flags exchanged every step without touching the GPU (fastkd.control); Gloo
+        # uses the rendezvous's TCP store and the hosts' network, as torch's own checkpointing
+        # groups do (GLOO_SOCKET_IFNAME picks the interface where the default one is wrong).
+        _control_group = dist.new_group(backend="gloo")
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def control_group() -> Any:
+    """The Gloo group of `fastkd.control` (None outside torchrun)."""
+    return _control_group
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order, on every rank (``[obj]`` in a world of one)."""
+    if not _distributed(info):
+        return [obj]
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, obj, group=_control_group)
+    return gathered
 
 
 def _distributed(info: DistInfo) -> bool:
@@ -203,7 +222,7 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    global _setup_group
+    global _setup_group, _control_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    _setup_group = None
+    _setup_group = _control_group = None

@@ -23,7 +23,7 @@ from fastkd.config import LossConfig, OptimConfig, SchedConfig, TrainConfig
 from fastkd.distributed import all_reduce_sum
 from fastkd.errors import ConfigError
 from fastkd.losses import kd_loss, wsld_ce_loss
-from fastkd.meter import TrainMeter, sync
+from fastkd.meter import SKIPPED, TrainMeter, sync
 from fastkd.profiling import StepProfiler
 
 log = logging.getLogger("fastkd")
@@ -393,7 +393,14 @@ def train_step(
         state.scaler.scale(total).backward()
     with phase(OPTIMIZER):
         state.scaler.step(state.optimizer)
-        state.scaler.update()
+        if state.scaler.is_enabled():
+            # The scaler lowers its scale exactly when it skipped the step (inf/NaN gradients):
+            # counted on the device, read at log lines (fastkd.meter.SKIPPED).
+            scale = state.scaler._scale.clone()  # noqa: SLF001 - no public tensor accessor
+            state.scaler.update()
+            terms = {**terms, SKIPPED: (state.scaler._scale < scale).float()}  # noqa: SLF001
+        else:
+            state.scaler.update()
         state.scheduler.step()
     return terms, student_logits
 
@@ -409,14 +416,27 @@ def _finish_profile(state: TrainState, epoch: int) -> None:
 
 
 def train_one_epoch(
-    state: TrainState, loader: Iterable, epoch: int, epochs: int, steps: int
+    state: TrainState,
+    loader: Iterable,
+    epoch: int,
+    epochs: int,
+    steps: int,
+    *,
+    start: int = 0,
+    resume: dict[str, Any] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Run one epoch of at most ``steps`` steps; returns mean loss terms, train top-1 and img/s."""
+    """Run steps ``start + 1 .. steps`` of an epoch (``loader`` yields exactly those batches);
+    returns mean loss terms, train top-1 and img/s.
+
+    ``resume``: the meter's state saved after step ``start``. ``after_step(step)`` runs after
+    each step (the trainer's stop / checkpoint decisions; it may raise to end the run there).
+    """
     state.student.train()
     meter = state.meter
-    meter.start_epoch(epoch, epochs, steps)
+    meter.start_epoch(epoch, epochs, steps, start, resume)
     batches = iter(loader)
-    for _ in range(steps):
+    for step in range(start + 1, steps + 1):
         with meter.waiting():
             batch = next(batches, None)
         if batch is None:  # the loader ended early
@@ -431,6 +451,8 @@ def train_one_epoch(
         meter.update(
             terms, student_logits, labels, global_step=state.global_step, excluded=profiled
         )
+        if after_step is not None:
+            after_step(step)
     if state.profiler is not None:  # the epoch ended before the profiled steps did
         _finish_profile(state, epoch)
     return meter.end_epoch()

@@ -7,12 +7,20 @@ steady-state steps: the run's first step (compilation and warm-up) is reported a
 steps ``train.profile.enabled`` records are left out. Each interval writes a ``step`` record to
 metrics.jsonl and a progress line with an ETA; `TrainMeter.end_epoch` reduces the epoch's sums
 across ranks.
+
+Divergence is found at the same reads: the meter keeps each step's (detached) loss terms until
+the next read and reads them with the means, so a non-finite loss is caught at the first log
+line after it, with its epoch, step and terms (`TrainMeter.nonfinite`), without a per-step read.
+Under fp16 loss scaling the steps the grad scaler skipped (a ``skipped`` term) are counted.
+A run resumed mid-epoch restores the epoch's sums (`TrainMeter.state_dict`), so the epoch's
+record is the one the uninterrupted run writes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 import warnings
 from collections.abc import Iterator
@@ -34,6 +42,27 @@ def sync(device: torch.device) -> None:
     """Wait for ``device``'s queued work (CUDA); a no-op on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """The first step whose loss was not finite: where, and its loss terms."""
+
+    epoch: int
+    step: int  # within the epoch, 1-based
+    global_step: int
+    terms: dict[str, float]
+
+    def describe(self, steps: int) -> str:
+        terms = ", ".join(f"{k} {v:.4g}" for k, v in self.terms.items() if k != "loss")
+        return (
+            f"epoch {self.epoch} step {self.step}/{steps} (global step {self.global_step}): "
+            f"loss {self.terms.get('loss', float('nan')):.4g} ({terms})"
+        )
+
+
+# The grad scaler's skipped steps travel as a 0/1 loss term under this name (fastkd.engine).
+SKIPPED = "skipped"
 
 
 @dataclass
@@ -66,18 +95,46 @@ class TrainMeter:
         self.log_every, self.compiled = log_every, compiled
         self.flops_per_image, self.peak_flops = flops_per_image, peak_flops
         self.compile_time_s: float | None = None  # the run's first step, once it has run
+        self.nonfinite: NonFinite | None = None  # the first non-finite loss read, if any
         self._data_bound_warned = False
         self.start_epoch(0, 0, 0)
 
-    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
-        """Reset the epoch's sums for ``epoch`` of ``epochs``, ``steps`` steps long."""
+    def start_epoch(
+        self,
+        epoch: int,
+        epochs: int,
+        steps: int,
+        start: int = 0,
+        resume: dict[str, Any] | None = None,
+    ) -> None:
+        """Reset the epoch's sums for ``epoch`` of ``epochs``, ``steps`` steps long, whose next
+        step is ``start + 1``.
+
+        ``resume``: a `state_dict` saved after step ``start`` of this epoch, whose sums continue
+        (without it, the epoch's means cover the steps from ``start + 1`` on).
+        """
         self.epoch, self.epochs, self.steps = epoch, epochs, steps
         self._term_sums: dict[str, torch.Tensor] = {}
         self._correct = torch.zeros((), device=self.device, dtype=torch.float64)
-        self._steps_done = self._images_seen = 0
+        self._step = start  # the step of the epoch (1-based) last counted
+        self._steps_done = self._images_seen = 0  # what the sums hold
+        if resume:
+            self._term_sums = {k: v.to(self.device) for k, v in resume["term_sums"].items()}
+            self._correct = resume["correct"].to(self.device)
+            self._steps_done, self._images_seen = resume["steps_done"], resume["images_seen"]
+        self._recent: list[tuple[int, int, dict[str, torch.Tensor]]] = []
         self._timed_images, self._timed_s = 0, 0.0  # steady-state steps only
         self._epoch_start = time.perf_counter()
         self._interval = _Interval(self._epoch_start)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch's sums so far (CPU tensors), for a checkpoint written inside the epoch."""
+        return {
+            "term_sums": {k: v.detach().cpu().clone() for k, v in self._term_sums.items()},
+            "correct": self._correct.detach().cpu().clone(),  # a copy: the sum grows in place
+            "steps_done": self._steps_done,
+            "images_seen": self._images_seen,
+        }
 
     @contextlib.contextmanager
     def waiting(self) -> Iterator[None]:
@@ -100,7 +157,9 @@ class TrainMeter:
             self._term_sums[name] = self._term_sums.get(name, 0) + value.float()
         self._correct += (student_logits.detach().argmax(dim=1) == labels).sum()
         images = labels.shape[0]
+        self._step += 1
         self._steps_done += 1
+        self._recent.append((self._step, global_step, terms))  # checked at the next read
         self._images_seen += images
         self._interval.steps += 1
         self._interval.images += images
@@ -108,7 +167,7 @@ class TrainMeter:
             self._report_compile_step()
         elif excluded:
             self._interval = _Interval(time.perf_counter())
-        elif self._steps_done % self.log_every == 0 or self._steps_done == self.steps:
+        elif self._step % self.log_every == 0 or self._step == self.steps:
             self._log_interval(global_step)
 
     def _report_compile_step(self) -> None:
@@ -124,10 +183,33 @@ class TrainMeter:
         log.info("first step (compile + warm-up) took %.1fs", self.compile_time_s)
         self._interval = _Interval(time.perf_counter())
 
+    def _read(self, head: torch.Tensor) -> list[float]:
+        """``head`` (a 1-D device tensor) and the loss terms of the steps since the last read, in
+        one host read; records the first non-finite loss in `nonfinite`. Returns head's values."""
+        recent, self._recent = self._recent, []
+        parts = [head.double()]
+        if recent:  # one stack of the 0-dim terms (float32 already: .float() copies nothing)
+            parts.append(torch.stack([v.float() for *_, terms in recent for v in terms.values()]))
+        values = torch.cat([p.double() for p in parts]).tolist()  # the read's one host sync
+        offset = head.numel()
+        for step, global_step, terms in recent:
+            read = dict(zip(terms, values[offset : offset + len(terms)], strict=True))
+            offset += len(terms)
+            if self.nonfinite is None and not math.isfinite(read.get("loss", 0.0)):
+                self.nonfinite = NonFinite(self.epoch, step, global_step, read)
+        return values[: head.numel()]
+
+    def _counted(self, record: dict[str, float], steps: float) -> dict[str, Any]:
+        """The skipped-step mean as a count (``skipped_steps``); other terms unchanged."""
+        if SKIPPED in record:
+            record = dict(record)
+            record["skipped_steps"] = round(record.pop(SKIPPED) * steps)
+        return record
+
     def _log_interval(self, global_step: int) -> None:
-        means = {name: total / self._steps_done for name, total in self._term_sums.items()}
-        values = torch.stack([v.reshape(()).double() for v in means.values()]).tolist()
-        record = dict(zip(means, values, strict=True))  # the interval's one host sync
+        sums = self._term_sums
+        means = torch.stack([v.reshape(()).double() for v in sums.values()]) / self._steps_done
+        record = self._counted(dict(zip(sums, self._read(means), strict=True)), self._steps_done)
         interval = self._interval
         elapsed = max(1e-9, time.perf_counter() - interval.start)
         self._timed_images += interval.images
@@ -143,7 +225,7 @@ class TrainMeter:
         self.metrics.write(
             "step",
             epoch=self.epoch,
-            step=self._steps_done,
+            step=self._step,
             global_step=global_step,
             lr=lr,
             img_per_s=img_per_s,
@@ -151,7 +233,7 @@ class TrainMeter:
             **record,
             **extra,
         )
-        remaining_steps = (self.steps - self._steps_done) + (self.epochs - self.epoch) * self.steps
+        remaining_steps = (self.steps - self._step) + (self.epochs - self.epoch) * self.steps
         eta_s = remaining_steps * elapsed / max(1, interval.steps)
         self._print(record, extra, lr=lr, img_per_s=img_per_s, wait_frac=wait_frac, eta_s=eta_s)
         if wait_frac > _DATA_BOUND_WAIT_FRAC and not self._data_bound_warned:
@@ -174,7 +256,11 @@ class TrainMeter:
         wait_frac: float,
         eta_s: float,
     ) -> None:
-        terms_text = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "loss")
+        terms_text = " ".join(
+            f"{k} {v:.4f}" for k, v in record.items() if k not in ("loss", "skipped_steps")
+        )
+        if record.get("skipped_steps"):
+            terms_text += f"; fp16 steps skipped {record['skipped_steps']}"
         device_text = f" mfu {extra['mfu']:.1%}" if "mfu" in extra else ""
         if "max_mem_gib" in extra:
             device_text += f" mem {extra['max_mem_gib']:.1f} GiB"
@@ -182,7 +268,7 @@ class TrainMeter:
             "epoch %d/%d step %d/%d loss %.4f (%s) lr %.4g | %.0f img/s data-wait %.0f%%%s | ETA %s",
             self.epoch,
             self.epochs,
-            self._steps_done,
+            self._step,
             self.steps,
             record["loss"],
             terms_text,
@@ -208,8 +294,9 @@ class TrainMeter:
         for i, name in enumerate(names):
             totals[i] = self._term_sums[name].double()
         totals[-3], totals[-2], totals[-1] = self._correct, self._images_seen, self._steps_done
-        values = all_reduce_sum(totals).tolist()
+        values = self._read(all_reduce_sum(totals))
         result = {name: values[i] / max(1.0, values[-1]) for i, name in enumerate(names)}
+        result = self._counted(result, values[-1] / self.world_size)
         result["train_top1"] = values[-3] / max(1.0, values[-2])
         result["img_per_s"] = timed_images * self.world_size / max(1e-9, timed_s)
         result["epoch_time_s"] = epoch_s

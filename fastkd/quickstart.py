@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fastkd.config import Config, load_config
-from fastkd.errors import ConfigError, UserError
+from fastkd.errors import ConfigError, Preempted, UserError
 from fastkd.trainer import run
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -131,7 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         summaries = run_stages(runs_dir, args.data, args.extra)
     except UserError as exc:
         print(f"fastkd: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
+    except Preempted as exc:
+        print(
+            f"fastkd: {exc} (exit code {exc.exit_code}); the same quickstart command continues",
+            file=sys.stderr,
+        )
+        return exc.exit_code
     report = format_report(summaries)
     print("\n" + report)
     runs_dir.mkdir(parents=True, exist_ok=True)

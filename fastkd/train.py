@@ -10,7 +10,7 @@ import sys
 
 from fastkd.config import dump_yaml, load_config, to_dict
 from fastkd.distributed import cleanup
-from fastkd.errors import UserError
+from fastkd.errors import Preempted, UserError
 from fastkd.trainer import run
 
 
@@ -30,7 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; user mistakes print one ``fastkd: error:`` line and return 2."""
+    """CLI entry point. Exit status: 0 done; 2 a user mistake (one ``fastkd: error:`` line);
+    3 diverged; 75 stopped by SIGTERM/SIGINT with its position saved (resume with
+    run.resume=auto)."""
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -40,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg)
     except UserError as exc:
         print(f"fastkd: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
+    except Preempted as exc:
+        print(f"fastkd: {exc} (exit code {exc.exit_code})", file=sys.stderr)
+        return exc.exit_code
     finally:
         cleanup()
     return 0

@@ -5,20 +5,32 @@ its loaders, metrics file and profiler (also after a failure), `Trainer.finish` 
 One run trains ``student.arch`` on ``data.root`` with ``loss.kind``: ``ce`` (hard labels: teachers
 and baselines), ``kd`` (Hinton) or ``wsld`` (Weighted Soft Label Distillation from a frozen
 ``teacher``); under torchrun it is data-parallel (DDP). The run folder receives ``config.yaml``,
-``metrics.jsonl``, ``last.pt``, ``best.pt``, ``student.pt`` and ``summary.json``. The parts come
-from `fastkd.builders`, the step and evaluation from `fastkd.engine`.
+``metrics.jsonl``, ``last.pt``, ``best.pt``, ``student.pt``, ``summary.json`` and ``status.json``.
+The parts come from `fastkd.builders`, the step and evaluation from `fastkd.engine`, resuming from
+`fastkd.resume`.
+
+Days-long runs: ``last.pt`` is written at every epoch's end, every ``train.checkpoint_minutes``
+inside epochs and when SIGTERM/SIGINT arrives (`fastkd.control`), each time with the exact step,
+every RNG and the epoch's meter sums, so ``run.resume=auto`` continues bitwise where the run was.
+A non-finite loss ends the run (`fastkd.errors.Diverged`) without writing a checkpoint, and no
+checkpoint is ever written from non-finite weights. ``status.json`` says how the run last ended:
+``running``, ``preempted`` (exit code 75: resume me), ``diverged`` or ``finished``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from fastkd import checkpoint as ckpt_io
 from fastkd.builders import (
@@ -29,8 +41,16 @@ from fastkd.builders import (
     seed_everything,
 )
 from fastkd.config import Config, save_config, to_dict
+from fastkd.control import Decision, RunControl, StopSignals
 from fastkd.data import Loader, prepare_data_root
-from fastkd.distributed import DistInfo, barrier, fail_together, init_distributed, ranks_agree
+from fastkd.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    fail_together,
+    gather_objects,
+    init_distributed,
+)
 from fastkd.engine import (
     Precision,
     TrainState,
@@ -40,10 +60,11 @@ from fastkd.engine import (
     resolve_precision,
     train_one_epoch,
 )
-from fastkd.errors import ConfigError
+from fastkd.errors import ConfigError, Diverged, Preempted
 from fastkd.logging import MetricsWriter, format_duration, setup_console
 from fastkd.losses import describe_impl
 from fastkd.profiling import StepProfiler
+from fastkd.resume import Position, agree_on_position, agreed_resume, resume_into
 
 log = logging.getLogger("fastkd")
 
@@ -52,58 +73,16 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
     """Train per ``cfg``; returns the summary that is also written to ``run.dir/summary.json``."""
     dist = dist or init_distributed(cfg.train.device, cfg.run.setup_timeout_min)
     setup_console(dist.is_main)
-    trainer = Trainer.setup(cfg, dist)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
-    return trainer.finish()
-
-
-def resolve_resume(cfg: Config) -> Path | None:
-    """The checkpoint to resume from, or None; refuses to silently overwrite a finished or started run."""
-    run_dir = Path(cfg.run.dir)
-    last = run_dir / "last.pt"
-    if cfg.run.resume == "auto":
-        return last if last.exists() else None
-    if cfg.run.resume:
-        path = Path(cfg.run.resume)
-        if not path.is_file():
-            raise ConfigError(f"run.resume={cfg.run.resume}: no such checkpoint file")
-        return path
-    if last.exists():
-        raise ConfigError(
-            f"run.dir={run_dir} already holds a run (last.pt). Continue it with run.resume=auto, "
-            "or pick a new run.dir; nothing was overwritten"
-        )
-    return None
-
-
-def agreed_resume(cfg: Config, dist: DistInfo) -> Path | None:
-    """``resolve_resume`` on every rank, checked to agree across ranks before anything starts.
-
-    Each rank looks at run.dir on its own node; when that folder is not on a shared filesystem
-    (or a node holds a stale run), ranks would resume differently or some would refuse, leaving
-    the others waiting in a collective. Disagreement is one clear error on every rank instead.
-    """
-    failure: ConfigError | None = None
-    try:
-        path = resolve_resume(cfg)
-    except ConfigError as exc:
-        path, failure = None, exc
-    outcome = 2 if failure is not None else (1 if path is not None else 0)
-    if not ranks_agree([outcome], dist.device):
-        mine = f"resumes from {path}" if path is not None else "starts a new run"
-        if failure is not None:
-            mine = f"refuses to start ({failure})"
-        raise ConfigError(
-            f"the ranks disagree about run.dir={cfg.run.dir}: rank {dist.rank} {mine}, others do "
-            "not. Every node must see the same run.dir: put it on a filesystem that all nodes "
-            "share (or clear the stale run on the node that has one)"
-        )
-    if failure is not None:
-        raise failure
-    return path
+    with StopSignals() as signals:
+        trainer = Trainer.setup(cfg, dist, signals)
+        try:
+            trainer.fit()
+        except (Preempted, Diverged) as stop:
+            trainer.write_status("preempted" if isinstance(stop, Preempted) else "diverged", stop)
+            raise
+        finally:
+            trainer.close()
+        return trainer.finish()
 
 
 def log_recipe(cfg: Config, dist: DistInfo) -> str:
@@ -143,25 +122,6 @@ def log_recipe(cfg: Config, dist: DistInfo) -> str:
     return loss
 
 
-def resume_into(
-    state: TrainState, student: Any, path: Path, classes: list[str], steps: int
-) -> tuple[int, float]:
-    """Load a checkpoint into the student and the optimizer/schedule/scaler; returns (epoch, best top-1)."""
-    saved = ckpt_io.load_checkpoint(path)
-    if saved.get("classes") and list(saved["classes"]) != list(classes):
-        raise ConfigError(f"run.resume: {path} was trained on other classes than this data set's")
-    student.load_state_dict(saved["student"])
-    state.optimizer.load_state_dict(saved["optimizer"])
-    if saved.get("scheduler"):
-        state.scheduler.load_state_dict(saved["scheduler"])
-    if saved.get("scaler") and state.scaler.is_enabled():
-        state.scaler.load_state_dict(saved["scaler"])
-    epoch = int(saved["epoch"])
-    state.global_step = epoch * steps
-    log.info("resumed from %s after epoch %d", path, epoch)
-    return epoch, float(saved.get("best_top1", float("-inf")))
-
-
 @dataclass
 class Trainer:
     """One run's parts and progress; see the module docstring for its three steps."""
@@ -174,7 +134,9 @@ class Trainer:
     models: Models
     state: TrainState
     teacher_eval: dict[str, Any] | None
-    start_epoch: int = 0
+    control: RunControl
+    start: Position = field(default_factory=Position)  # where fit continues
+    saved: Position | None = None  # what last.pt holds, once this run wrote or resumed one
     best_top1: float = float("-inf")
     history: list[dict[str, Any]] = field(default_factory=list)
     last_eval: dict[str, Any] | None = None
@@ -189,9 +151,10 @@ class Trainer:
         return len(self.train_loader)  # the loader serves exactly the steps of an epoch
 
     @classmethod
-    def setup(cls, cfg: Config, dist: DistInfo) -> Trainer:
+    def setup(cls, cfg: Config, dist: DistInfo, signals: StopSignals | None = None) -> Trainer:
         """Build every part of a run (a collective under torchrun); resume when asked.
 
+        ``signals``: the SIGTERM/SIGINT requests the run stops for (`run` installs them).
         What is built before a failure (loaders, metrics file, profiler) is released again.
         """
         cfg.validate()  # a config assembled in code gets the checks a loaded one had
@@ -199,11 +162,15 @@ class Trainer:
         resume_path = agreed_resume(cfg, dist)
         if dist.is_main:
             save_config(cfg, Path(cfg.run.dir) / "config.yaml")
+            for stale in ckpt_io.remove_stale_temporaries(cfg.run.dir):
+                log.info("removed %s, a checkpoint write a killed process left unfinished", stale)
         prepare_data_root(cfg.data, dist)  # the synthetic set, when asked, before anyone scans
         precision = resolve_precision(cfg.train.amp, dist.device)
+        control = RunControl(dist, signals or StopSignals(), cfg.train.checkpoint_minutes)
         with contextlib.ExitStack() as on_failure:
-            trainer = cls._build(cfg, dist, precision, resume_path, on_failure)
+            trainer = cls._build(cfg, dist, precision, resume_path, control, on_failure)
             on_failure.pop_all()  # built: the trainer owns its loaders, metrics file and profiler
+        trainer.write_status("running")
         return trainer
 
     @classmethod
@@ -213,6 +180,7 @@ class Trainer:
         dist: DistInfo,
         precision: Precision,
         resume_path: Path | None,
+        control: RunControl,
         on_failure: contextlib.ExitStack,
     ) -> Trainer:
         """`setup`'s parts that hold resources, each registering its release on ``on_failure``."""
@@ -243,7 +211,9 @@ class Trainer:
         state.profiler = _build_profiler(cfg, dist)
         if state.profiler is not None:
             on_failure.callback(state.profiler.close)
-        trainer = cls(cfg, dist, precision, train_loader, val_loader, models, state, teacher_eval)
+        trainer = cls(
+            cfg, dist, precision, train_loader, val_loader, models, state, teacher_eval, control
+        )
         trainer.resume(resume_path)
         metrics.write(
             "start",
@@ -265,23 +235,41 @@ class Trainer:
         """Continue from checkpoint ``path`` (None: a fresh run); every rank must agree."""
         if path is not None:
             with fail_together(self.dist, f"loading the checkpoint {path}"):
-                self.start_epoch, self.best_top1 = resume_into(
-                    self.state, self.models.student, path, self.train_loader.classes, self.steps
+                self.start, self.best_top1 = resume_into(
+                    self.state,
+                    self.models.student,
+                    path,
+                    self.cfg,
+                    classes=self.train_loader.classes,
+                    steps=self.steps,
+                    dist=self.dist,
                 )
-        if not ranks_agree([self.start_epoch], self.dist.device):
-            raise ConfigError(
-                f"the ranks resume from different epochs (rank {self.dist.rank}: after epoch "
-                f"{self.start_epoch}, from {path or 'nothing'}): each node found another "
-                "checkpoint. Put run.dir on a filesystem that every node shares, or pass one "
-                "checkpoint as run.resume=PATH"
-            )
+            self.saved = self.start
+        agree_on_position(self.start, path, self.dist)
 
     def fit(self) -> None:
-        """The epoch loop: train, evaluate when due, log, checkpoint."""
+        """The epoch loop: train, evaluate when due, log, checkpoint; stop when told to.
+
+        After each step `RunControl` may ask for a timed checkpoint, a stop (SIGTERM/SIGINT:
+        checkpoint, then `Preempted`) or the end of a diverged run (`Diverged`, no checkpoint).
+        """
         epochs, self.fit_start = self.cfg.train.epochs, time.perf_counter()
-        for epoch in range(self.start_epoch + 1, epochs + 1):
-            self.train_loader.set_epoch(epoch - 1)
-            stats = train_one_epoch(self.state, self.train_loader, epoch, epochs, self.steps)
+        for epoch in range(self.start.epoch + 1, epochs + 1):
+            first = epoch == self.start.epoch + 1
+            start, meter_state = (self.start.step, self.start.meter) if first else (0, None)
+            self.train_loader.set_epoch(epoch - 1, start_batch=start)
+            stats = train_one_epoch(
+                self.state,
+                self.train_loader,
+                epoch,
+                epochs,
+                self.steps,
+                start=start,
+                resume=meter_state,
+                after_step=functools.partial(self._after_step, epoch),
+            )
+            diverged = self.state.meter.nonfinite is not None
+            self._act(self.control.at_epoch_end(diverged=diverged), epoch, self.steps)
             record: dict[str, Any] = {"epoch": epoch, **stats, "top1": None, "top5": None}
             improved = False
             if epoch % self.cfg.train.eval_every == 0 or epoch == epochs:
@@ -291,9 +279,47 @@ class Trainer:
             self.state.meter.metrics.write("epoch", **record)
             self.history.append(record)
             _log_epoch(record, epochs)
-            self.save_checkpoint(epoch, improved)
+            self.save_checkpoint(epoch, improved=improved)
         if self.last_eval is None:  # resumed after the final epoch: evaluate what we have
             self.evaluate()
+
+    def _after_step(self, epoch: int, step: int) -> None:
+        diverged = self.state.meter.nonfinite is not None
+        self._act(self.control.after_step(diverged=diverged), epoch, step)
+
+    def _act(self, decision: Decision, epoch: int, step: int) -> None:
+        """Carry out ``decision`` after ``step`` steps of ``epoch`` (the same on every rank)."""
+        if decision.diverged:
+            raise self._diverged(epoch, step)
+        if decision.stop:
+            self.save_checkpoint(epoch - 1, step, reason="preempted")
+            raise Preempted(
+                f"stopped by {self.control.signals.received or 'a signal on another rank'}: "
+                f"last.pt holds epoch {epoch} step {step}/{self.steps} (global step "
+                f"{self.state.global_step}). Continue with the same command and run.resume=auto"
+            )
+        if decision.checkpoint and step < self.steps:  # an epoch's end writes one anyway
+            self.save_checkpoint(epoch - 1, step, reason="timed")
+
+    def _diverged(self, epoch: int, step: int, weights: bool = False) -> Diverged:
+        found = self.state.meter.nonfinite
+        if found is not None:
+            what = f"the loss is not finite at {found.describe(self.steps)}"
+        elif weights:
+            what = f"the weights are not finite after epoch {epoch} step {step}/{self.steps}"
+        else:
+            what = f"another rank's loss is not finite (by epoch {epoch} step {step})"
+        if self.saved is None:
+            kept = "no checkpoint was written"
+        else:
+            kept = f"last.pt (epoch {self.saved.epoch + 1} step {self.saved.step}) was kept"
+            if not self.saved.step:
+                kept = f"last.pt (after epoch {self.saved.epoch}) was kept"
+        return Diverged(
+            f"training diverged: {what}; {kept}. Lower optim.lr (now {self.cfg.optim.lr:g}), "
+            "lengthen sched.warmup_epochs or check the data, then continue with "
+            "run.resume=auto or start afresh in a new run.dir"
+        )
 
     def evaluate(self) -> bool:
         """Evaluate the student on the validation set; True when its top-1 is a new best."""
@@ -306,8 +332,17 @@ class Trainer:
         self.best_top1 = max(self.best_top1, self.last_eval["top1"])
         return improved
 
-    def save_checkpoint(self, epoch: int, improved: bool) -> None:
-        """Rank 0 writes last.pt (and best.pt when ``improved``); every rank waits for it."""
+    def save_checkpoint(
+        self, epoch: int, step: int = 0, *, improved: bool = False, reason: str = "epoch"
+    ) -> None:
+        """Every rank: write last.pt after ``epoch`` completed epochs and ``step`` steps of the
+        next (and best.pt when ``improved``) from rank 0, with every rank's RNG states.
+
+        Non-finite weights are never written: the run ends with `Diverged` instead.
+        """
+        if not self._weights_finite():
+            raise self._diverged(epoch + (1 if step else 0), step, weights=True)
+        rng = gather_objects(ckpt_io.rng_state(), self.dist)
         if self.dist.is_main:
             checkpoint = ckpt_io.make_checkpoint(
                 epoch=epoch,
@@ -318,11 +353,49 @@ class Trainer:
                 best_top1=self.best_top1,
                 config=to_dict(self.cfg),
                 classes=self.train_loader.classes,
+                extra={
+                    "step": step,
+                    "global_step": self.state.global_step,
+                    "steps_per_epoch": self.steps,
+                    "world_size": self.dist.world_size,
+                    "meter": self.state.meter.state_dict() if step else None,
+                    "rng": rng,
+                    "reason": reason,
+                },
             )
             ckpt_io.atomic_save(checkpoint, self.run_dir / "last.pt")
             if improved:
                 ckpt_io.atomic_save(checkpoint, self.run_dir / "best.pt")
+            self.state.meter.metrics.write(
+                "checkpoint", epoch=epoch, step=step, reason=reason, best=improved
+            )
+            if step:
+                log.info("saved last.pt at epoch %d step %d/%d", epoch + 1, step, self.steps)
         barrier()
+        self.saved = Position(epoch, step)
+        self.control.checkpointed()
+
+    def _weights_finite(self) -> bool:
+        """Whether the student's weights, buffers and momentum are finite on every rank."""
+        tensors = [t for t in self.models.student.state_dict().values() if t.is_floating_point()]
+        for values in self.state.optimizer.state.values():
+            tensors += [v for v in values.values() if torch.is_tensor(v) and v.is_floating_point()]
+        bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).sum().float()
+        return all_reduce_sum(bad).item() == 0
+
+    def write_status(self, state: str, stopped: BaseException | None = None) -> None:
+        """Rank 0: ``run.dir/status.json`` = how the run stands (read by requeue scripts)."""
+        if not self.dist.is_main:
+            return
+        status: dict[str, Any] = {"state": state, "time": round(time.time(), 3)}
+        if stopped is not None:
+            status.update(exit_code=getattr(stopped, "exit_code", 1), message=str(stopped))
+        if self.saved is not None:
+            status.update(checkpoint_epoch=self.saved.epoch, checkpoint_step=self.saved.step)
+        path = self.run_dir / "status.json"
+        tmp = path.with_name(f".status.json.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(status, indent=2) + "\n")
+        os.replace(tmp, path)
 
     def close(self) -> None:
         """Stop the profiler (if interrupted while recording), the metrics file and the loaders."""
@@ -339,6 +412,7 @@ class Trainer:
         if self.dist.is_main:
             ckpt_io.export_student(self.models.student, self.run_dir / "student.pt")
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self.write_status("finished")
             log.info(
                 "done: top-1 %.4f (best %.4f), top-5 %.4f, %.0f img/s; run folder %s",
                 summary["top1"],

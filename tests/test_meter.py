@@ -128,3 +128,48 @@ def test_a_one_step_epoch_reports_its_only_step(tmp_path, clock):
     meter.metrics.close()
     assert result["img_per_s"] == pytest.approx(BATCH * 2 / 4.0)
     assert result["train_top1"] == 1.0
+
+
+def test_an_epoch_resumed_mid_way_continues_its_sums_or_counts_from_the_resume(tmp_path, clock):
+    """A checkpoint inside an epoch holds the meter's sums: the resumed epoch's means and step
+    labels are the uninterrupted epoch's. Without them (the steps per epoch changed), the
+    labels still follow the epoch and the means cover the steps since the resume."""
+    whole = make_meter(tmp_path / "whole", log_every=3)
+    whole.start_epoch(1, 1, 6)
+    for i in range(6):
+        step(whole, clock, loss=float(i), correct=i % 3, seconds=1.0, global_step=i + 1)
+        if i == 3:
+            saved = whole.state_dict()
+    expected = whole.end_epoch()
+
+    resumed = make_meter(tmp_path / "resumed", log_every=3)
+    resumed.compile_time_s = 0.0  # the warm-up step was the interrupted run's
+    resumed.start_epoch(1, 1, 6, start=4, resume=saved)
+    for i in (4, 5):
+        step(resumed, clock, loss=float(i), correct=i % 3, seconds=1.0, global_step=i + 1)
+    got = resumed.end_epoch()
+    for key in ("loss", "ce", "train_top1"):
+        assert got[key] == expected[key], key
+    logged = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "resumed")]
+    assert logged == [(6, pytest.approx(2.5))]
+
+    fresh = make_meter(tmp_path / "fresh", log_every=3)
+    fresh.compile_time_s = 0.0
+    fresh.start_epoch(1, 1, 6, start=4)
+    for i in (4, 5):
+        step(fresh, clock, loss=float(i), correct=0, seconds=1.0, global_step=i + 1)
+    assert fresh.end_epoch()["loss"] == 4.5
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "fresh")] == [(6, 4.5)]
+
+
+def test_a_non_finite_loss_is_found_at_the_next_read_with_its_step_and_terms(tmp_path, clock):
+    meter = make_meter(tmp_path, log_every=4)
+    meter.start_epoch(2, 3, 8)
+    for i in range(8):
+        loss = float("inf") if i in (5, 6) else 1.0
+        step(meter, clock, loss=loss, correct=1, seconds=1.0, global_step=8 + i + 1)
+        assert (meter.nonfinite is None) == (i < 7), i  # the read at step 8 finds step 6
+    found = meter.nonfinite
+    assert (found.epoch, found.step, found.global_step) == (2, 6, 14)
+    assert found.terms == {"loss": float("inf"), "ce": float("inf")}
+    assert found.describe(8) == "epoch 2 step 6/8 (global step 14): loss inf (ce inf)"

@@ -15,7 +15,11 @@ larger ``train.epochs`` (step schedule, whose curve does not).
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +28,11 @@ import torch
 
 import fastkd.trainer as train_module
 from fastkd import checkpoint as ckpt_io
-from fastkd.config import Config, from_dict
+from fastkd import engine, resume
+from fastkd.config import Config, from_dict, to_dict
+from fastkd.errors import CheckpointError
 from fastkd.logging import read_metrics
+from fastkd.train import main
 
 EPOCHS = 3
 # Warm-up ends inside epoch 1 (3 steps an epoch: 24 images, batch 8), so the learning rate
@@ -69,6 +76,7 @@ def torch_process_state():
 
 
 def make_config(root: Path, run_dir: Path, schedule: str, epochs: int) -> Config:
+    """A tiny deterministic CPU run (3 steps an epoch)."""
     return from_dict(
         {
             "run": {"dir": str(run_dir), "seed": 0, "deterministic": True, "resume": "auto"},
@@ -98,14 +106,28 @@ def make_config(root: Path, run_dir: Path, schedule: str, epochs: int) -> Config
     )
 
 
+@contextlib.contextmanager
+def logged() -> Iterator[list[str]]:
+    """The fastkd logger's messages (it does not propagate to pytest's capture)."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("fastkd")
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+
+
 def run_until_preempted(cfg: Config, after_epoch: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Train per ``cfg`` and stop as epoch ``after_epoch + 1`` starts (its checkpoint saved)."""
     real = train_module.train_one_epoch
 
-    def train_one_epoch(state, loader, epoch, epochs, steps):
+    def train_one_epoch(state, loader, epoch, epochs, steps, **kwargs):
         if epoch > after_epoch:
             raise Preempted(f"stopped before epoch {epoch}")
-        return real(state, loader, epoch, epochs, steps)
+        return real(state, loader, epoch, epochs, steps, **kwargs)
 
     with monkeypatch.context() as patch:
         patch.setattr(train_module, "train_one_epoch", train_one_epoch)
@@ -223,3 +245,79 @@ def test_resumed_run_continues_every_piece_of_state(
     )
     for name in ("top1", "top5", "best_top1", "num_val_images"):
         assert resumed[name] == straight[name], name
+
+
+@pytest.mark.filterwarnings("ignore:training is data-bound")
+def test_another_steps_per_epoch_continues_the_schedule_at_the_same_point(
+    tiny_imagefolder, tmp_path, monkeypatch, torch_process_state
+):
+    """A run resumed on another GPU count (here: another batch size, 3 -> 6 steps an epoch)
+    continues its schedule after the same fraction of training, and says so; restoring the old
+    step count against the new epoch length would put it back at epoch 1's learning rate."""
+    run_dir = tmp_path / "run"
+    cfg = make_config(tiny_imagefolder, run_dir, "cosine", epochs=4)
+    run_until_preempted(cfg, 2, monkeypatch)
+    resumed = make_config(tiny_imagefolder, run_dir, "cosine", epochs=4)
+    resumed.data.batch_size = 4
+    with logged() as lines:
+        train_module.run(resumed)
+    text = "\n".join(lines)
+    assert "this run has 6 steps per epoch, the checkpoint's had 3" in text
+    assert "epoch 2 + 0/6 steps (global step 12, was 6)" in text
+    steps = step_records(records_of_last_start(run_dir))
+    assert min(r["global_step"] for r in steps.values()) == 2 * 6 + 2  # step 1: warm-up, unlogged
+    for record in steps.values():
+        factor = engine.lr_factor(
+            record["global_step"],
+            cfg=resumed.sched,
+            base_lr=resumed.optim.lr,
+            epochs=4,
+            steps_per_epoch=6,
+        )
+        assert record["lr"] == pytest.approx(resumed.optim.lr * factor, rel=1e-12)
+    assert ckpt_io.load_checkpoint(run_dir / "last.pt")["scheduler"]["last_epoch"] == 4 * 6
+
+
+def test_a_position_inside_an_epoch_maps_to_the_same_fraction():
+    saved = {"epoch": 5, "step": 30, "steps_per_epoch": 40, "global_step": 230}
+    assert resume._position(saved, 80) == (resume.Position(5, 60, None), True)
+    assert resume._position(saved, 40)[0] == resume.Position(5, 30, None)
+    # A version-1 checkpoint (epoch ends only) knows its steps per epoch from its schedule.
+    old = {"epoch": 40, "scheduler": {"last_epoch": 40 * 625}}
+    assert resume.saved_steps_per_epoch(old, 1250) == 625
+    assert resume._position(old, 1250) == (resume.Position(40, 0, None), True)
+
+
+def test_a_checkpoint_of_another_run_is_one_line_naming_both_values(tiny_imagefolder, tmp_path):
+    cfg = make_config(tiny_imagefolder, tmp_path / "run", "cosine", epochs=1)
+    saved = {
+        "config": {"student": {"arch": "resnet50"}, "loss": {"kind": "wsld"}, "run": {"seed": 0}},
+        "classes": [str(i) for i in range(1000)],
+    }
+    with pytest.raises(CheckpointError) as raised:
+        resume.check_compatible(saved, cfg, 4, Path("x/last.pt"))
+    message = str(raised.value)
+    assert "\n" not in message
+    for part in (
+        "student.arch=resnet50 (this config: shufflenet_v2_x0_5)",
+        "loss.kind=wsld (this config: ce)",
+        "1000 classes (data.root has 4)",
+        "config.yaml",
+    ):
+        assert part in message
+
+
+@pytest.mark.filterwarnings("ignore:training is data-bound")
+def test_resuming_another_architecture_from_the_command_line(
+    tiny_imagefolder, tmp_path, torch_process_state, capsys
+):
+    run_dir = tmp_path / "run"
+    train_module.run(make_config(tiny_imagefolder, run_dir, "cosine", epochs=1))
+    config = tmp_path / "other.yaml"
+    tree = to_dict(make_config(tiny_imagefolder, run_dir, "cosine", epochs=2))
+    tree["student"]["arch"] = "resnet18"
+    config.write_text(json.dumps(tree))
+    assert main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fastkd: error: run.resume:"), err
+    assert "student.arch=shufflenet_v2_x0_5 (this config: resnet18)" in err[-1]
