@@ -1,7 +1,8 @@
 """When a run stops or checkpoints between steps: signals, the checkpoint clock, divergence.
 
 `StopSignals` turns SIGTERM and SIGINT (SLURM's preemption warning, torchrun forwarding it,
-Ctrl-C) into a request: the step in flight finishes, the trainer saves ``last.pt`` with the exact
+Ctrl-C) into a request once training runs (during setup, into `Preempted` at once): the step in
+flight finishes, the trainer saves ``last.pt`` with the exact
 position and exits with `fastkd.errors.EXIT_PREEMPTED`. A second signal exits at once, without a
 checkpoint. A signal that arrives again within `StopSignals.SAME_REQUEST_S` of the first is the
 same request relayed (SLURM signals every process of a job step and torchrun forwards the signal
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as tdist
 
 from fastkd.distributed import DistInfo, control_group
+from fastkd.errors import Preempted
 
 log = logging.getLogger("fastkd")
 
@@ -38,6 +40,8 @@ log = logging.getLogger("fastkd")
 class StopSignals:
     """SIGTERM / SIGINT as a request to stop at the next step boundary (a context manager).
 
+    Until `defer` is called (the trainer calls it when training starts) a signal raises
+    `Preempted` at once: during setup there is no step to finish and nothing new to save.
     Installed only from the main thread (Python's rule for signal handlers); elsewhere it is
     inert and signals keep their previous handling.
     """
@@ -49,7 +53,12 @@ class StopSignals:
         self.received: str | None = None  # the first signal's name, once one arrived
         self._clock = clock
         self._first_at = 0.0
+        self._deferred = False
         self._previous: dict[int, Any] = {}
+
+    def defer(self) -> None:
+        """From now on a signal is a request, acted on after the step in flight."""
+        self._deferred = True
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -67,6 +76,8 @@ class StopSignals:
         now = self._clock()
         if self.received is None:
             self.received, self._first_at = name, now
+            if not self._deferred:
+                raise Preempted(f"stopped by {name} before training started: nothing to save")
             log.warning(
                 "received %s: finishing the current step, then saving last.pt and exiting "
                 "(send it again to exit at once, without a checkpoint)",

@@ -74,15 +74,45 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
     dist = dist or init_distributed(cfg.train.device, cfg.run.setup_timeout_min)
     setup_console(dist.is_main)
     with StopSignals() as signals:
-        trainer = Trainer.setup(cfg, dist, signals)
+        try:
+            trainer = Trainer.setup(cfg, dist, signals)
+        except Preempted as stop:
+            write_status(cfg.run.dir, dist, "preempted", stop)
+            raise
         try:
             trainer.fit()
         except (Preempted, Diverged) as stop:
-            trainer.write_status("preempted" if isinstance(stop, Preempted) else "diverged", stop)
+            state = "preempted" if isinstance(stop, Preempted) else "diverged"
+            write_status(cfg.run.dir, dist, state, stop, trainer.saved)
             raise
         finally:
             trainer.close()
         return trainer.finish()
+
+
+def write_status(
+    run_dir: str | Path,
+    dist: DistInfo,
+    state: str,
+    stopped: BaseException | None = None,
+    saved: Position | None = None,
+) -> None:
+    """Rank 0: ``run_dir/status.json`` = how the run stands (requeue scripts read ``state``).
+
+    ``saved``: the position last.pt holds, when this run wrote or resumed one.
+    """
+    if not dist.is_main:
+        return
+    status: dict[str, Any] = {"state": state, "time": round(time.time(), 3)}
+    if stopped is not None:
+        status.update(exit_code=getattr(stopped, "exit_code", 1), message=str(stopped))
+    if saved is not None:
+        status.update(checkpoint_epoch=saved.epoch, checkpoint_step=saved.step)
+    path = Path(run_dir) / "status.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".status.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(status, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def log_recipe(cfg: Config, dist: DistInfo) -> str:
@@ -170,7 +200,7 @@ class Trainer:
         with contextlib.ExitStack() as on_failure:
             trainer = cls._build(cfg, dist, precision, resume_path, control, on_failure)
             on_failure.pop_all()  # built: the trainer owns its loaders, metrics file and profiler
-        trainer.write_status("running")
+        write_status(cfg.run.dir, dist, "running", saved=trainer.saved)
         return trainer
 
     @classmethod
@@ -254,6 +284,7 @@ class Trainer:
         checkpoint, then `Preempted`) or the end of a diverged run (`Diverged`, no checkpoint).
         """
         epochs, self.fit_start = self.cfg.train.epochs, time.perf_counter()
+        self.control.signals.defer()  # a signal now ends the run after the step in flight
         for epoch in range(self.start.epoch + 1, epochs + 1):
             first = epoch == self.start.epoch + 1
             start, meter_state = (self.start.step, self.start.meter) if first else (0, None)
@@ -383,20 +414,6 @@ class Trainer:
         bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).sum().float()
         return all_reduce_sum(bad).item() == 0
 
-    def write_status(self, state: str, stopped: BaseException | None = None) -> None:
-        """Rank 0: ``run.dir/status.json`` = how the run stands (read by requeue scripts)."""
-        if not self.dist.is_main:
-            return
-        status: dict[str, Any] = {"state": state, "time": round(time.time(), 3)}
-        if stopped is not None:
-            status.update(exit_code=getattr(stopped, "exit_code", 1), message=str(stopped))
-        if self.saved is not None:
-            status.update(checkpoint_epoch=self.saved.epoch, checkpoint_step=self.saved.step)
-        path = self.run_dir / "status.json"
-        tmp = path.with_name(f".status.json.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(status, indent=2) + "\n")
-        os.replace(tmp, path)
-
     def close(self) -> None:
         """Stop the profiler (if interrupted while recording), the metrics file and the loaders."""
         if self.state.profiler is not None:
@@ -412,7 +429,7 @@ class Trainer:
         if self.dist.is_main:
             ckpt_io.export_student(self.models.student, self.run_dir / "student.pt")
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            self.write_status("finished")
+            write_status(self.run_dir, self.dist, "finished", saved=self.saved)
             log.info(
                 "done: top-1 %.4f (best %.4f), top-5 %.4f, %.0f img/s; run folder %s",
                 summary["top1"],

@@ -18,6 +18,7 @@ import torch
 
 from fastkd.control import Decision, RunControl, StopSignals
 from fastkd.distributed import DistInfo
+from fastkd.errors import Preempted
 
 ONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -34,12 +35,20 @@ class Clock:
 def test_a_signal_becomes_a_request_and_the_handlers_are_put_back(signum):
     before = signal.getsignal(signum)
     with StopSignals() as signals:
+        signals.defer()  # training runs: a signal is a request
         assert signals.received is None
         os.kill(os.getpid(), signum)  # delivered to the main thread before the next bytecode
         assert signals.received == signal.Signals(signum).name
         control = RunControl(ONE, signals, checkpoint_minutes=0)
         assert control.after_step() == Decision(stop=True)
     assert signal.getsignal(signum) is before
+
+
+def test_a_signal_before_training_starts_stops_at_once():
+    """During setup there is no step to finish: the signal raises Preempted right away."""
+    with StopSignals() as signals, pytest.raises(Preempted, match="before training started"):
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signals.received == "SIGTERM"
 
 
 def test_a_relayed_signal_is_the_same_request_and_a_later_one_exits_at_once(tmp_path):
@@ -52,6 +61,7 @@ def test_a_relayed_signal_is_the_same_request_and_a_later_one_exits_at_once(tmp_
 
         now = [0.0]
         with StopSignals(clock=lambda: now[0]) as signals:
+            signals.defer()
             os.kill(os.getpid(), signal.SIGTERM)
             now[0] = 0.5
             os.kill(os.getpid(), signal.SIGTERM)  # relayed: ignored

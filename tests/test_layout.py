@@ -83,14 +83,21 @@ def test_every_user_error_is_a_user_error():
         fastkd.models.ModelError,
         fastkd.checkpoint.CheckpointError,
         fastkd.distributed.PeerSetupError,
+        fastkd.errors.Diverged,
     }
+    # Not an error: a run stopped by a signal after saving its position (exit status 75).
+    stopped = fastkd.errors.Preempted
     defined = {
         obj
         for _, obj in inspect.getmembers(fastkd.errors, inspect.isclass)
         if obj.__module__ == "fastkd.errors" and obj is not fastkd.errors.UserError
     }
-    assert kinds == defined
+    assert kinds | {stopped} == defined
     assert all(issubclass(kind, fastkd.errors.UserError) for kind in kinds)
-    # Each entry point names UserError in its handler.
+    assert not issubclass(stopped, fastkd.errors.UserError)
+    assert len({kind.exit_code for kind in kinds} | {stopped.exit_code}) == 3  # 2, 3 and 75
+    # Each entry point names UserError in its handler; those that train also Preempted.
     for entry in ("train.py", "eval.py", "quickstart.py"):
-        assert "except UserError" in (PACKAGE / entry).read_text(), entry
+        source = (PACKAGE / entry).read_text()
+        assert "except UserError" in source, entry
+        assert ("except Preempted" in source) == (entry != "eval.py"), entry
