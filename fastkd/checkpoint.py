@@ -16,8 +16,9 @@ import errno
 import os
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ VERSION = 2  # 2: the position inside an epoch, RNG states, meter sums (1 still 
 # the rename is then as durable as that filesystem makes it, and the save still succeeds.
 _DIR_FSYNC_REFUSED = {errno.EINVAL, errno.EBADF, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP}
 # ``.{name}.tmp{pid}``, the temporaries `atomic_save` writes for ``.pt`` files.
-_STALE_TEMPORARY = re.compile(r"\..+\.pt\.tmp[0-9]+")
+_STALE_TEMPORARY = re.compile(r"\..+\.(pt|json)\.tmp[0-9]+")
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -71,12 +72,17 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     A filesystem that refuses to fsync a directory (EINVAL, EBADF, EPERM, ENOTSUP) does not fail
     the save; the rename is then as durable as that filesystem makes it.
     """
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """`atomic_save`'s guarantees for any content: ``write(f)`` fills the temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -88,9 +94,10 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the ``.{name}.pt.tmp{pid}`` files killed `atomic_save` calls left in ``folder``.
+    """Delete the ``.{name}.pt.tmp{pid}`` (and ``.json``) files killed `atomic_save` /
+    `atomic_write` calls left in ``folder``.
 
-    Only files so named go (``.last.pt.tmp1234``), nothing else, not recursively. A temporary
+    Only files so named go (``.last.pt.tmp1234``, ``.status.json.tmp77``), nothing else, not recursively. A temporary
     being written right now would go too, so call this before the run's first save (rank 0 at
     start). Returns the removed paths, sorted; a missing folder removes nothing.
     """

@@ -5,8 +5,9 @@ Ctrl-C) into a request once training runs (during setup, into `Preempted` at onc
 flight finishes, the trainer saves ``last.pt`` with the exact
 position and exits with `fastkd.errors.EXIT_PREEMPTED`. A second signal exits at once, without a
 checkpoint. A signal that arrives again within `StopSignals.SAME_REQUEST_S` of the first is the
-same request relayed (SLURM signals every process of a job step and torchrun forwards the signal
-it got to its workers, so each worker sees it twice within milliseconds) and is ignored.
+same request relayed (SLURM signals every process of a job step, a terminal's Ctrl-C every process
+of its group, and torchrun forwards the signal it got to its workers, so each worker sees it twice
+within milliseconds) and is ignored.
 
 `RunControl.after_step` decides, after every step, whether to stop, to write a timed checkpoint
 (``train.checkpoint_minutes``, rank 0's clock) or to end a diverged run; under torchrun every rank
@@ -24,7 +25,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -47,7 +48,9 @@ class StopSignals:
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
-    SAME_REQUEST_S = 2.0
+    # torchrun relays the signal it got (the same one) to workers that SLURM or the terminal
+    # already signalled, within milliseconds; a person asking twice waits longer than this.
+    SAME_REQUEST_S = 5.0
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.received: str | None = None  # the first signal's name, once one arrived
@@ -120,6 +123,10 @@ class RunControl:
         self._clock = clock
         self._last_checkpoint = clock()
         self._group = control_group() if dist.enabled else None
+        if dist.enabled and self._group is None:
+            raise RuntimeError(
+                "RunControl under torchrun needs fastkd.distributed.init_distributed's groups"
+            )
         self._pending: tuple[Any, torch.Tensor] | None = None  # (work, buffer) of the exchange
 
     def checkpointed(self) -> None:
@@ -132,6 +139,8 @@ class RunControl:
             and self._interval_s > 0
             and self._clock() - self._last_checkpoint >= self._interval_s
         )
+        if due:  # asked once: the clock restarts now, not when the (lagging) answer comes back
+            self.checkpointed()
         return Decision(stop=self.signals.received is not None, checkpoint=due, diverged=diverged)
 
     def _exchange(self, local: Decision, *, wait: bool) -> Decision:
@@ -157,23 +166,21 @@ class RunControl:
     def after_step(self, *, diverged: bool = False) -> Decision:
         """The decision after a step (``diverged``: this rank saw a non-finite loss)."""
         if self._group is None:
-            decision = self._local(diverged)
-        else:
-            decision = self._exchange(self._local(diverged), wait=False)
-        if decision.checkpoint:
-            self.checkpointed()  # decided now: the flags sent next must not ask again
-        return decision
+            return self._local(diverged)
+        return self._exchange(self._local(diverged), wait=False)
 
     def at_epoch_end(self, *, diverged: bool = False) -> Decision:
-        """The decision after an epoch's last step, taken by every rank before evaluating.
+        """The decision at an epoch's end (after its last step; again after its checkpoint).
 
         With several ranks: the pending exchange and one more, both waited for, so nothing
-        sent during the epoch is left for the next one.
+        sent before is left for later. Never a timed checkpoint: the epoch's end writes one.
         """
         if self._group is None:
-            return replace(self._local(diverged), checkpoint=False)  # the epoch's end writes one
+            return Decision(stop=self.signals.received is not None, diverged=diverged)
         earlier = self._drain()
-        now = self._exchange(self._local(diverged), wait=True)
+        now = self._exchange(
+            Decision(stop=self.signals.received is not None, diverged=diverged), wait=True
+        )
         return Decision(
             stop=earlier.stop or now.stop,
             checkpoint=False,  # the epoch's end writes a checkpoint anyway

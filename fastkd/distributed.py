@@ -102,7 +102,14 @@ def init_distributed(device_preference: str = "auto", setup_timeout_min: int = 6
         # Host-side flags exchanged every step without touching the GPU (fastkd.control); Gloo
         # uses the rendezvous's TCP store and the hosts' network, as torch's own checkpointing
         # groups do (GLOO_SOCKET_IFNAME picks the interface where the default one is wrong).
-        _control_group = dist.new_group(backend="gloo")
+        try:
+            _control_group = dist.new_group(backend="gloo")
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"rank {rank}: cannot open the Gloo group fastkd uses to agree on stops and "
+                f"checkpoints between steps ({exc}); set GLOO_SOCKET_IFNAME to the network "
+                "interface the nodes reach each other on (e.g. GLOO_SOCKET_IFNAME=ib0)"
+            ) from None
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

@@ -116,7 +116,7 @@ class TrainMeter:
         self.epoch, self.epochs, self.steps = epoch, epochs, steps
         self._term_sums: dict[str, torch.Tensor] = {}
         self._correct = torch.zeros((), device=self.device, dtype=torch.float64)
-        self._step = start  # the step of the epoch (1-based) last counted
+        self._step = self._first_step = start  # the step of the epoch (1-based) last counted
         self._steps_done = self._images_seen = 0  # what the sums hold
         if resume:
             self._term_sums = {k: v.to(self.device) for k, v in resume["term_sums"].items()}
@@ -289,6 +289,8 @@ class TrainMeter:
             timed_s += time.perf_counter() - self._interval.start
         if timed_s <= 0:  # a one-step epoch: only the warm-up step exists, report it as it is
             timed_images, timed_s = self._images_seen, epoch_s
+            if self._step == self._first_step:  # no step ran here (resumed after the last one)
+                timed_images = 0  # images/sec unknown: NaN
         names = list(self._term_sums)
         totals = torch.zeros(len(names) + 3, dtype=torch.float64, device=self.device)
         for i, name in enumerate(names):
@@ -298,6 +300,8 @@ class TrainMeter:
         result = {name: values[i] / max(1.0, values[-1]) for i, name in enumerate(names)}
         result = self._counted(result, values[-1] / self.world_size)
         result["train_top1"] = values[-3] / max(1.0, values[-2])
-        result["img_per_s"] = timed_images * self.world_size / max(1e-9, timed_s)
+        result["img_per_s"] = (
+            timed_images * self.world_size / max(1e-9, timed_s) if timed_images else float("nan")
+        )
         result["epoch_time_s"] = epoch_s
         return result

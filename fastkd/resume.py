@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fastkd import checkpoint as ckpt_io
-from fastkd.config import Config
+from fastkd.config import Config, to_dict
 from fastkd.distributed import DistInfo, ranks_agree
 from fastkd.engine import TrainState
 from fastkd.errors import CheckpointError, ConfigError
@@ -159,12 +159,13 @@ def continue_schedule(state: TrainState, cfg: Config, global_step: int) -> None:
     state.global_step = global_step
 
 
-def _position(saved: dict[str, Any], steps: int) -> tuple[Position, bool]:
-    """Where the run continues, and whether the schedule had to be moved (steps per epoch)."""
+def _position(saved: dict[str, Any], steps: int, rank: int = 0) -> tuple[Position, bool]:
+    """Where ``rank`` continues, and whether the schedule had to be moved (steps per epoch)."""
     epoch, step = int(saved["epoch"]), int(saved.get("step", 0))
     then = saved_steps_per_epoch(saved, steps)
     if then == steps:
-        return Position(epoch, step, saved.get("meter") if step else None), False
+        meters = saved.get("meter") if step else None  # one per rank of the saving run
+        return Position(epoch, step, meters[rank] if meters else None), False
     new_step = min(steps, round(step * steps / then))
     log.warning(
         "warning: this run has %d steps per epoch, the checkpoint's had %d (another GPU count, "
@@ -187,6 +188,26 @@ def _position(saved: dict[str, Any], steps: int) -> tuple[Position, bool]:
     return Position(epoch, new_step, None), True
 
 
+def _warn_schedule_changes(saved: dict[str, Any], cfg: Config) -> None:
+    """Say so when the config changes the schedule's shape (train.epochs, sched.*) on resume."""
+    theirs = saved.get("config") or {}
+    then = {"train.epochs": (theirs.get("train") or {}).get("epochs")}
+    then.update({f"sched.{k}": v for k, v in (theirs.get("sched") or {}).items()})
+    now = {"train.epochs": cfg.train.epochs}
+    now.update({f"sched.{k}": v for k, v in to_dict(cfg)["sched"].items()})
+    changed = [
+        f"{key} {then[key]} -> {value}"
+        for key, value in now.items()
+        if then.get(key) is not None and then[key] != value
+    ]
+    if changed:
+        log.warning(
+            "warning: the schedule changed since the checkpoint (%s): the learning rate "
+            "continues on the new schedule from this point",
+            ", ".join(changed),
+        )
+
+
 def resume_into(
     state: TrainState,
     student: Any,
@@ -203,7 +224,19 @@ def resume_into(
     if saved.get("classes") and list(saved["classes"]) != list(classes):
         raise ConfigError(f"run.resume: {path} was trained on other classes than this data set's")
     _load_states(saved, state, student, path)
-    position, moved = _position(saved, steps)
+    position, moved = _position(saved, steps, dist.rank)
+    saved_world = int(saved.get("world_size") or dist.world_size)
+    if saved_world != dist.world_size:
+        position = Position(position.epoch, position.step)  # the sums were another rank's
+        log.warning(
+            "warning: the checkpoint was written by %d processes, this run has %d: each rank's "
+            "share of the data changes%s, and the ranks without a saved random state start "
+            "from rank 0's",
+            saved_world,
+            dist.world_size,
+            f" for the rest of epoch {position.epoch + 1}" if position.step else "",
+        )
+    _warn_schedule_changes(saved, cfg)
     global_step = position.epoch * steps + position.step
     saved_lr = ((saved.get("config") or {}).get("optim") or {}).get("lr", cfg.optim.lr)
     if moved or saved_lr != cfg.optim.lr:

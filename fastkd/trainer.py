@@ -23,7 +23,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -74,20 +73,20 @@ def run(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
     dist = dist or init_distributed(cfg.train.device, cfg.run.setup_timeout_min)
     setup_console(dist.is_main)
     with StopSignals() as signals:
+        trainer = None
         try:
             trainer = Trainer.setup(cfg, dist, signals)
-        except Preempted as stop:
-            write_status(cfg.run.dir, dist, "preempted", stop)
+            try:
+                trainer.fit()
+            finally:
+                trainer.close()
+            return trainer.finish()
+        except BaseException as stop:
+            state = {Preempted: "preempted", Diverged: "diverged"}.get(type(stop), "failed")
+            saved = trainer.saved if trainer is not None else None
+            with contextlib.suppress(Exception):  # the original error says more
+                write_status(cfg.run.dir, dist, state, stop, saved)
             raise
-        try:
-            trainer.fit()
-        except (Preempted, Diverged) as stop:
-            state = "preempted" if isinstance(stop, Preempted) else "diverged"
-            write_status(cfg.run.dir, dist, state, stop, trainer.saved)
-            raise
-        finally:
-            trainer.close()
-        return trainer.finish()
 
 
 def write_status(
@@ -105,14 +104,12 @@ def write_status(
         return
     status: dict[str, Any] = {"state": state, "time": round(time.time(), 3)}
     if stopped is not None:
-        status.update(exit_code=getattr(stopped, "exit_code", 1), message=str(stopped))
+        message = str(stopped) or type(stopped).__name__
+        status.update(exit_code=getattr(stopped, "exit_code", 1), message=message)
     if saved is not None:
         status.update(checkpoint_epoch=saved.epoch, checkpoint_step=saved.step)
-    path = Path(run_dir) / "status.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".status.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(status, indent=2) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(status, indent=2) + "\n"
+    ckpt_io.atomic_write(Path(run_dir) / "status.json", lambda f: f.write(text.encode()))
 
 
 def log_recipe(cfg: Config, dist: DistInfo) -> str:
@@ -311,6 +308,8 @@ class Trainer:
             self.history.append(record)
             _log_epoch(record, epochs)
             self.save_checkpoint(epoch, improved=improved)
+            if epoch < epochs and self.control.at_epoch_end().stop:  # asked while evaluating
+                raise self._preempted(epoch, 0)
         if self.last_eval is None:  # resumed after the final epoch: evaluate what we have
             self.evaluate()
 
@@ -321,31 +320,39 @@ class Trainer:
     def _act(self, decision: Decision, epoch: int, step: int) -> None:
         """Carry out ``decision`` after ``step`` steps of ``epoch`` (the same on every rank)."""
         if decision.diverged:
-            raise self._diverged(epoch, step)
+            raise self._diverged(epoch - 1, step)
         if decision.stop:
             self.save_checkpoint(epoch - 1, step, reason="preempted")
-            raise Preempted(
-                f"stopped by {self.control.signals.received or 'a signal on another rank'}: "
-                f"last.pt holds epoch {epoch} step {step}/{self.steps} (global step "
-                f"{self.state.global_step}). Continue with the same command and run.resume=auto"
-            )
+            raise self._preempted(epoch - 1, step)
         if decision.checkpoint and step < self.steps:  # an epoch's end writes one anyway
             self.save_checkpoint(epoch - 1, step, reason="timed")
 
+    def _where(self, epoch: int, step: int) -> str:
+        """Position (``epoch`` completed epochs, ``step`` steps of the next) in words."""
+        if step:
+            return f"epoch {epoch + 1} step {step}/{self.steps}"
+        return f"the end of epoch {epoch}"
+
+    def _preempted(self, epoch: int, step: int) -> Preempted:
+        signal_name = self.control.signals.received or "a signal on another rank"
+        return Preempted(
+            f"stopped by {signal_name}: last.pt holds {self._where(epoch, step)} (global step "
+            f"{self.state.global_step}). Continue with the same command and run.resume=auto"
+        )
+
     def _diverged(self, epoch: int, step: int, weights: bool = False) -> Diverged:
+        """``epoch``, ``step``: where the run is (completed epochs, steps of the next)."""
         found = self.state.meter.nonfinite
         if found is not None:
             what = f"the loss is not finite at {found.describe(self.steps)}"
         elif weights:
-            what = f"the weights are not finite after epoch {epoch} step {step}/{self.steps}"
+            what = f"the weights are not finite at {self._where(epoch, step)}"
         else:
-            what = f"another rank's loss is not finite (by epoch {epoch} step {step})"
+            what = f"another rank's loss is not finite (by {self._where(epoch, step)})"
         if self.saved is None:
             kept = "no checkpoint was written"
         else:
-            kept = f"last.pt (epoch {self.saved.epoch + 1} step {self.saved.step}) was kept"
-            if not self.saved.step:
-                kept = f"last.pt (after epoch {self.saved.epoch}) was kept"
+            kept = f"last.pt ({self._where(self.saved.epoch, self.saved.step)}) was kept"
         return Diverged(
             f"training diverged: {what}; {kept}. Lower optim.lr (now {self.cfg.optim.lr:g}), "
             "lengthen sched.warmup_epochs or check the data, then continue with "
@@ -372,8 +379,9 @@ class Trainer:
         Non-finite weights are never written: the run ends with `Diverged` instead.
         """
         if not self._weights_finite():
-            raise self._diverged(epoch + (1 if step else 0), step, weights=True)
-        rng = gather_objects(ckpt_io.rng_state(), self.dist)
+            raise self._diverged(epoch, step, weights=True)
+        meter = self.state.meter.state_dict() if step else None
+        per_rank = gather_objects({"rng": ckpt_io.rng_state(), "meter": meter}, self.dist)
         if self.dist.is_main:
             checkpoint = ckpt_io.make_checkpoint(
                 epoch=epoch,
@@ -389,8 +397,8 @@ class Trainer:
                     "global_step": self.state.global_step,
                     "steps_per_epoch": self.steps,
                     "world_size": self.dist.world_size,
-                    "meter": self.state.meter.state_dict() if step else None,
-                    "rng": rng,
+                    "meter": [r["meter"] for r in per_rank] if step else None,
+                    "rng": [r["rng"] for r in per_rank],
                     "reason": reason,
                 },
             )

@@ -104,3 +104,62 @@ def test_no_timed_checkpoints_with_zero_minutes_and_divergence_is_passed_on():
     assert control.after_step() == Decision()
     assert control.after_step(diverged=True) == Decision(diverged=True)
     assert control.at_epoch_end(diverged=True) == Decision(diverged=True)
+
+
+class FakeGroup:
+    """Stands in for the Gloo group: a max-reduce with another rank whose flags are
+    ``other`` (assigned by the test), completed when waited for; counts the exchanges."""
+
+    def __init__(self) -> None:
+        self.other = [0.0, 0.0, 0.0]
+        self.exchanges = 0
+
+    def all_reduce(self, buffer, op, group, async_op):
+        assert group is self and async_op
+        self.exchanges += 1
+        other = torch.tensor(self.other)
+
+        class Work:
+            def wait(self):
+                torch.maximum(buffer, other, out=buffer)
+
+        return Work()
+
+
+@pytest.fixture
+def two_ranks(monkeypatch):
+    group = FakeGroup()
+    monkeypatch.setattr("fastkd.control.control_group", lambda: group)
+    monkeypatch.setattr("fastkd.control.tdist.all_reduce", group.all_reduce)
+    return group
+
+
+def test_with_several_ranks_each_decision_lags_one_step_and_is_taken_once(two_ranks):
+    clock = Clock()
+    rank0 = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    signals = StopSignals()
+    control = RunControl(rank0, signals, checkpoint_minutes=1, clock=clock)
+    assert control.after_step() == Decision()  # nothing sent before the first step
+    clock.now += 60
+    assert control.after_step() == Decision()  # due now: sent, answered after the next step
+    clock.now += 20
+    assert control.after_step() == Decision(checkpoint=True)
+    clock.now += 20
+    assert control.after_step() == Decision()  # not asked twice while the answer travelled
+    assert control.after_step() == Decision()
+    two_ranks.other = [0.0, 0.0, 1.0]  # the other rank saw a non-finite loss at this step
+    assert control.after_step() == Decision()
+    two_ranks.other = [0.0, 0.0, 0.0]
+    assert control.after_step() == Decision(diverged=True)
+    two_ranks.other = [1.0, 0.0, 0.0]  # the other rank got a signal while this one did not
+    assert control.at_epoch_end() == Decision(stop=True)  # drained and exchanged, not lagging
+    assert control._pending is None
+    two_ranks.other = [0.0, 1.0, 0.0]  # a timed checkpoint is never asked at an epoch's end
+    assert control.at_epoch_end() == Decision()
+
+
+def test_under_torchrun_without_the_control_group_is_refused(monkeypatch):
+    monkeypatch.setattr("fastkd.control.control_group", lambda: None)
+    rank1 = DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="init_distributed"):
+        RunControl(rank1, StopSignals(), checkpoint_minutes=0)

@@ -92,7 +92,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(
     assert (
         "the loss is not finite at epoch 2 step 2/6 (global step 8): loss nan (ce nan)" in message
     )
-    assert "last.pt (after epoch 1) was kept" in message and "optim.lr" in message
+    assert "last.pt (the end of epoch 1) was kept" in message and "optim.lr" in message
 
     saved = ckpt_io.load_checkpoint(run_dir / "last.pt")
     assert (saved["epoch"], saved["step"]) == (1, 0)
@@ -134,7 +134,7 @@ def test_non_finite_weights_are_never_written(tiny_imagefolder, tmp_path, monkey
         return terms, logits
 
     monkeypatch.setattr(engine, "train_step", train_step)
-    with pytest.raises(Diverged, match=r"the weights are not finite after epoch 2 step 0/6"):
+    with pytest.raises(Diverged, match=r"the weights are not finite at the end of epoch 2"):
         trainer_module.run(from_dict(tree(tiny_imagefolder, run_dir)))
     saved = ckpt_io.load_checkpoint(run_dir / "last.pt")
     assert saved["epoch"] == 1 and finite(saved["student"])

@@ -1,14 +1,18 @@
 """Interrupted runs, as a cluster interrupts them, end bitwise where uninterrupted ones end.
 
-Each run is ``python -m fastkd.train`` in a process group of its own, like a job step. The
-signal goes to the whole group, as SLURM sends it to every process of a step (the DataLoader's
-worker processes and, under torchrun, the launcher, which forwards it to its workers again).
+Each run is ``python -m fastkd.train`` (or torchrun) in a session of its own, like a job step.
+Signals go to every process of it, as SLURM sends them to every process of a step: the
+DataLoader's worker processes and, under torchrun, the launcher and its workers, which then get
+a SIGTERM twice (SLURM's and torchrun's forwarded one).
 
 - SIGTERM in the middle of epoch 2: the run finishes its step, writes last.pt with the exact
   position and exits with 75 within a step; the same command continues it.
 - Then, resumed, SIGKILL right after a checkpoint written inside epoch 3
   (``train.checkpoint_minutes`` tiny, so one is written after almost every step, and the kill may
   land during a write); the same command continues again.
+
+The epoch records the resumed runs write (from the loss sums saved inside the epoch, every
+rank's) are the uninterrupted run's too.
 
 In deterministic mode on the CPU, with one intra-op thread in every run, the resumed run's final
 weights equal the uninterrupted run's bitwise, for the DALI and the torch backend and for 2
@@ -17,6 +21,7 @@ torchrun processes (Gloo).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -147,7 +152,7 @@ def checkpoint_inside(run_dir: Path, epoch: int):
     return ready
 
 
-def assert_same_weights(run_dir: Path, reference_dir: Path) -> None:
+def assert_same_weights(run_dir: Path, reference_dir: Path, steps: int = STEPS) -> None:
     got = torch.load(run_dir / "student.pt", weights_only=True)
     want = torch.load(reference_dir / "student.pt", weights_only=True)
     assert got.keys() == want.keys()
@@ -158,19 +163,46 @@ def assert_same_weights(run_dir: Path, reference_dir: Path) -> None:
         assert torch.equal(
             got["optimizer"]["state"][index]["momentum_buffer"], state["momentum_buffer"]
         )
-    assert got["scheduler"]["last_epoch"] == want["scheduler"]["last_epoch"] == EPOCHS * STEPS
+    assert got["scheduler"]["last_epoch"] == want["scheduler"]["last_epoch"] == EPOCHS * steps
 
 
 def epoch_records(run_dir: Path) -> dict[int, dict[str, Any]]:
     return {r["epoch"]: r for r in read_metrics(run_dir) if r["event"] == "epoch"}
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (torchrun's workers run in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def signal_job(proc: subprocess.Popen[str], signum: int) -> None:
+    """``signum`` to every process of the run, as SLURM signals a job step's processes (torchrun
+    then forwards it to its workers: they get it twice)."""
+    targets = descendants(proc.pid)
+    os.killpg(proc.pid, signum)
+    for pid in targets:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
 def sigterm_mid_epoch(config: Path, run_dir: Path, ranks: int = 1) -> dict[str, Any]:
-    """Run ``config``, SIGTERM its process group at step SIGNAL_AT of epoch 2; checks the exit
+    """Run ``config``, SIGTERM all its processes at step SIGNAL_AT of epoch 2; checks the exit
     and returns the checkpoint it left."""
     proc = launch(config, ranks=ranks)
     seen = wait_until(proc, step_reached(run_dir, 2, SIGNAL_AT), f"epoch 2 step {SIGNAL_AT}")
-    os.killpg(proc.pid, signal.SIGTERM)
+    signal_job(proc, signal.SIGTERM)
     signalled = time.monotonic()
     code, err = finish(proc, timeout=120)
     if ranks == 1:  # torchrun itself exits 1 when a worker does not exit 0: status.json says why
@@ -206,6 +238,28 @@ def references(tiny_imagefolder, tmp_path_factory):
     return dirs
 
 
+def sigkill_after_a_checkpoint_in_epoch_3(config: Path, run_dir: Path, ranks: int = 1) -> None:
+    """Continue the run with a timed checkpoint after (almost) every step and SIGKILL all its
+    processes right after one written inside epoch 3 (the kill may land during the next write)."""
+    proc = launch(config, "train.checkpoint_minutes=0.0001", ranks=ranks)
+    written = wait_until(proc, checkpoint_inside(run_dir, 3), "a checkpoint inside epoch 3")
+    signal_job(proc, signal.SIGKILL)
+    finish(proc)
+    assert written["reason"] == "timed"
+    saved = ckpt_io.load_checkpoint(run_dir / "last.pt")  # that one, or the next if complete
+    assert saved["epoch"] == 2 and saved["step"] >= written["step"]
+
+
+def assert_same_epoch_records(run_dir: Path, reference_dir: Path) -> None:
+    """The epoch records the resumed runs wrote (epoch 2's and 3's from the sums saved inside
+    them, every rank's) are the uninterrupted run's."""
+    want, got = epoch_records(reference_dir), epoch_records(run_dir)
+    assert sorted(got) == [1, 2, 3]
+    for epoch, record in got.items():
+        for key in ("loss", "ce", "wsld", "train_top1", "top1", "val_loss"):
+            assert record[key] == want[epoch][key], (epoch, key)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 def test_sigterm_then_sigkill_then_resume_is_bitwise_the_uninterrupted_run(
@@ -214,16 +268,7 @@ def test_sigterm_then_sigkill_then_resume_is_bitwise_the_uninterrupted_run(
     config = write_config(tmp_path, tiny_imagefolder, backend, "run")
     run_dir = tmp_path / "run"
     sigterm_mid_epoch(config, run_dir)
-
-    # Resumed, with a timed checkpoint after (almost) every step, then killed right after one
-    # written inside epoch 3 (the kill may also land during the next write).
-    proc = launch(config, "train.checkpoint_minutes=0.0001")
-    written = wait_until(proc, checkpoint_inside(run_dir, 3), "a checkpoint inside epoch 3")
-    os.killpg(proc.pid, signal.SIGKILL)
-    finish(proc)
-    assert written["reason"] == "timed"
-    saved = ckpt_io.load_checkpoint(run_dir / "last.pt")  # that one, or the next if complete
-    assert saved["epoch"] == 2 and saved["step"] >= written["step"]
+    sigkill_after_a_checkpoint_in_epoch_3(config, run_dir)
 
     code, err = finish(launch(config))
     assert code == 0, err[-3000:]
@@ -231,18 +276,11 @@ def test_sigterm_then_sigkill_then_resume_is_bitwise_the_uninterrupted_run(
     assert_same_weights(run_dir, references[backend])
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
     assert not list(run_dir.glob(".*.tmp*")), "a stale temporary was left in the run folder"
-    # Epoch records written by resumed runs (epoch 2's and 3's from their saved sums) are the
-    # uninterrupted run's.
-    want = epoch_records(references[backend])
-    got = epoch_records(run_dir)
-    assert sorted(got) == [1, 2, 3]
-    for epoch, record in got.items():
-        for key in ("loss", "ce", "wsld", "train_top1", "top1", "val_loss"):
-            assert record[key] == want[epoch][key], (epoch, key)
+    assert_same_epoch_records(run_dir, references[backend])
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_sigterm_mid_epoch_then_resume_is_bitwise(tiny_imagefolder, tmp_path):
+def test_torchrun_two_ranks_sigterm_then_sigkill_then_resume_is_bitwise(tiny_imagefolder, tmp_path):
     reference_config = write_config(tmp_path, tiny_imagefolder, "torch", "reference")
     reference = launch(reference_config, ranks=2)  # alongside the interrupted run
     config = write_config(tmp_path, tiny_imagefolder, "torch", "run")
@@ -250,10 +288,9 @@ def test_torchrun_two_ranks_sigterm_mid_epoch_then_resume_is_bitwise(tiny_imagef
     sigterm_mid_epoch(config, run_dir, ranks=2)
     code, err = finish(reference)
     assert code == 0, err[-3000:]
+    sigkill_after_a_checkpoint_in_epoch_3(config, run_dir, ranks=2)
 
     code, err = finish(launch(config, ranks=2))
     assert code == 0, err[-3000:]
-    got = torch.load(run_dir / "student.pt", weights_only=True)
-    want = torch.load(tmp_path / "reference" / "student.pt", weights_only=True)
-    for key in want:
-        assert torch.equal(got[key], want[key]), f"{key} differs from the uninterrupted run"
+    assert_same_weights(run_dir, tmp_path / "reference", steps=STEPS // 2)
+    assert_same_epoch_records(run_dir, tmp_path / "reference")

@@ -22,6 +22,7 @@ import torch
 from fastkd import engine, meter
 from fastkd.builders import build_models, build_train_state
 from fastkd.config import from_dict
+from fastkd.control import RunControl, StopSignals
 from fastkd.distributed import DistInfo
 from fastkd.engine import Precision, resolve_precision
 from fastkd.logging import MetricsWriter
@@ -85,9 +86,16 @@ def epoch_reads(
     ]
     step = [0]
     reads: list[tuple[str, int]] = []
+    # The trainer's decision after every step (signals, timed checkpoints, divergence), taken
+    # and not acted on (fp16 on the CPU overflows these random networks: a NaN loss).
+    control = RunControl(dist, StopSignals(), checkpoint_minutes=30)
+
+    def after_step(step_in_epoch: int) -> None:
+        control.after_step(diverged=state.meter.nonfinite is not None)
+
     with detector(lambda what: reads.append((what, step[0]))):
         result = engine.train_one_epoch(
-            state, tagged(batches, step), epoch=1, epochs=1, steps=STEPS
+            state, tagged(batches, step), epoch=1, epochs=1, steps=STEPS, after_step=after_step
         )
     assert result["img_per_s"] > 0
     return reads
