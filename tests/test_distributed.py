@@ -302,13 +302,21 @@ def test_setup_waits_use_their_own_long_timeout(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: made.update(default=kwargs))
-    monkeypatch.setattr(dist, "new_group", lambda **kwargs: made.update(setup=kwargs) or "group")
+    groups_made = []
+
+    def new_group(**kwargs):
+        groups_made.append(kwargs)
+        return "group" if len(groups_made) == 1 else "control"
+
+    monkeypatch.setattr(dist, "new_group", new_group)
     info = distributed.init_distributed("cpu", setup_timeout_min=90)
     try:
         assert (info.rank, info.world_size) == (1, 2)
         assert "timeout" not in made["default"]  # the training collectives' own default
-        assert made["setup"] == {"timeout": timedelta(minutes=90)}  # the default backend
+        # The setup group (the default backend), then fastkd.control's Gloo group.
+        assert groups_made == [{"timeout": timedelta(minutes=90)}, {"backend": "gloo"}]
         assert distributed._setup_group == "group"
+        assert distributed.control_group() == "control"
         # Every setup collective waits in that group, never in the training group.
         groups = []
         monkeypatch.setattr(dist, "is_initialized", lambda: True)
@@ -333,6 +341,31 @@ def test_setup_waits_use_their_own_long_timeout(monkeypatch):
         assert groups == ["group"] * 4
     finally:
         monkeypatch.setattr(distributed, "_setup_group", None)
+        monkeypatch.setattr(distributed, "_control_group", None)
+
+
+def test_a_gloo_group_that_cannot_connect_is_one_clear_error(monkeypatch):
+    import torch.distributed as dist
+
+    from fastkd import distributed
+    from fastkd.errors import ConfigError
+
+    def new_group(**kwargs):
+        if kwargs.get("backend") == "gloo":
+            raise RuntimeError("Gloo connectFullMesh failed")
+        return "group"
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: None)
+    monkeypatch.setattr(dist, "new_group", new_group)
+    try:
+        with pytest.raises(ConfigError, match=r"rank 1: cannot open the Gloo group.*GLOO_SOCKET"):
+            distributed.init_distributed("cpu")
+    finally:
+        monkeypatch.setattr(distributed, "_setup_group", None)
+        monkeypatch.setattr(distributed, "_control_group", None)
 
 
 def test_a_split_index_travels_without_its_root(tmp_path):

@@ -173,3 +173,18 @@ def test_a_non_finite_loss_is_found_at_the_next_read_with_its_step_and_terms(tmp
     assert (found.epoch, found.step, found.global_step) == (2, 6, 14)
     assert found.terms == {"loss": float("inf"), "ce": float("inf")}
     assert found.describe(8) == "epoch 2 step 6/8 (global step 14): loss inf (ce inf)"
+
+
+def test_an_epoch_resumed_after_its_last_step_reports_no_speed(tmp_path, clock):
+    """Stopped after an epoch's last step, the resumed run runs none of it: its record keeps the
+    saved sums and reports images/sec as unknown (NaN), not the whole epoch over ~0 s."""
+    whole = make_meter(tmp_path / "whole", log_every=3)
+    whole.start_epoch(1, 1, 3)
+    for i in range(3):
+        step(whole, clock, loss=1.0 + i, correct=1, seconds=1.0, global_step=i + 1)
+    saved = whole.state_dict()
+    resumed = make_meter(tmp_path / "resumed", log_every=3)
+    resumed.start_epoch(1, 1, 3, start=3, resume=saved)
+    result = resumed.end_epoch()
+    assert result["loss"] == 2.0 and result["train_top1"] == 0.25
+    assert result["img_per_s"] != result["img_per_s"]  # NaN

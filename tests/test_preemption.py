@@ -21,6 +21,7 @@ torchrun processes (Gloo).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -222,22 +223,6 @@ def sigterm_mid_epoch(config: Path, run_dir: Path, ranks: int = 1) -> dict[str, 
     return saved
 
 
-@pytest.fixture(scope="module")
-def references(tiny_imagefolder, tmp_path_factory):
-    """The uninterrupted run of each backend, started together in the background."""
-    tmp_path = tmp_path_factory.mktemp("reference")
-    procs = {}
-    for backend in ("dali", "torch"):
-        config = write_config(tmp_path, tiny_imagefolder, backend, backend)
-        procs[backend] = launch(config)
-    dirs = {}
-    for backend, proc in procs.items():
-        code, err = finish(proc)
-        assert code == 0, err[-3000:]
-        dirs[backend] = tmp_path / backend
-    return dirs
-
-
 def sigkill_after_a_checkpoint_in_epoch_3(config: Path, run_dir: Path, ranks: int = 1) -> None:
     """Continue the run with a timed checkpoint after (almost) every step and SIGKILL all its
     processes right after one written inside epoch 3 (the kill may land during the next write)."""
@@ -260,23 +245,48 @@ def assert_same_epoch_records(run_dir: Path, reference_dir: Path) -> None:
             assert record[key] == want[epoch][key], (epoch, key)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", ["dali", "torch"])
-def test_sigterm_then_sigkill_then_resume_is_bitwise_the_uninterrupted_run(
-    backend, references, tiny_imagefolder, tmp_path
-):
-    config = write_config(tmp_path, tiny_imagefolder, backend, "run")
-    run_dir = tmp_path / "run"
+def interrupted_twice_then_finished(config: Path, run_dir: Path) -> None:
+    """SIGTERM mid-epoch 2, resume, SIGKILL after a checkpoint inside epoch 3, resume."""
     sigterm_mid_epoch(config, run_dir)
     sigkill_after_a_checkpoint_in_epoch_3(config, run_dir)
-
     code, err = finish(launch(config))
     assert code == 0, err[-3000:]
     assert "resumed from" in err and "of epoch 3" in err, err[-3000:]
-    assert_same_weights(run_dir, references[backend])
-    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
-    assert not list(run_dir.glob(".*.tmp*")), "a stale temporary was left in the run folder"
-    assert_same_epoch_records(run_dir, references[backend])
+
+
+@pytest.mark.slow
+def test_sigterm_then_sigkill_then_resume_is_bitwise_the_uninterrupted_run(
+    tiny_imagefolder, tmp_path
+):
+    """Both backends at once (each process runs one intra-op thread; the machine may have 2
+    cores), each beside its uninterrupted run, which is started first."""
+    backends = ("dali", "torch")
+    references = {
+        b: launch(write_config(tmp_path, tiny_imagefolder, b, f"reference_{b}")) for b in backends
+    }
+    with concurrent.futures.ThreadPoolExecutor(len(backends)) as pool:
+        runs = {
+            b: pool.submit(
+                interrupted_twice_then_finished,
+                write_config(tmp_path, tiny_imagefolder, b, f"run_{b}"),
+                tmp_path / f"run_{b}",
+            )
+            for b in backends
+        }
+        for backend, run in runs.items():
+            try:
+                run.result()
+            except BaseException as exc:  # pytest's failures included: say which backend
+                raise AssertionError(f"data.backend={backend}: {exc}") from exc
+    for backend, proc in references.items():
+        code, err = finish(proc)
+        assert code == 0, f"data.backend={backend}: {err[-3000:]}"
+    for backend in backends:
+        run_dir, reference_dir = tmp_path / f"run_{backend}", tmp_path / f"reference_{backend}"
+        assert_same_weights(run_dir, reference_dir)
+        assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+        assert not list(run_dir.glob(".*.tmp*")), "a stale temporary was left in the run folder"
+        assert_same_epoch_records(run_dir, reference_dir)
 
 
 @pytest.mark.slow

@@ -321,3 +321,15 @@ def test_resuming_another_architecture_from_the_command_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("fastkd: error: run.resume:"), err
     assert "student.arch=shufflenet_v2_x0_5 (this config: resnet18)" in err[-1]
+
+
+def test_a_changed_schedule_is_said_on_resume(tiny_imagefolder, tmp_path):
+    cfg = make_config(tiny_imagefolder, tmp_path / "run", "cosine", epochs=4)
+    saved = {"config": to_dict(make_config(tiny_imagefolder, tmp_path / "run", "cosine", 3))}
+    with logged() as lines:
+        resume._warn_schedule_changes(saved, cfg)
+        resume._warn_schedule_changes({"config": to_dict(cfg)}, cfg)  # unchanged: silent
+    assert lines == [
+        "warning: the schedule changed since the checkpoint (train.epochs 3 -> 4): the learning "
+        "rate continues on the new schedule from this point"
+    ]
