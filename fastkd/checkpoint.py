@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fastkd.errors import CheckpointError
-from fastkd.models import load_failure, strip_wrapper_prefixes
+from fastkd.weights import load_failure, strip_wrapper_prefixes
 
 FORMAT = "fastkd-checkpoint"
 VERSION = 2  # 2: the position inside an epoch, RNG states, meter sums (1 still loads)

@@ -1,8 +1,8 @@
 """Architecture factory and explicit weight loading.
 
 `create_model` maps a torchvision classification architecture name to a freshly initialised
-model; `load_weights` is a separate, explicit step that accepts a state-dict file, a fastkd
-checkpoint, ``torchvision:WEIGHTS_NAME`` or ``random``, and checks the class count against the data.
+model; `load_weights` is a separate, explicit step that accepts a weights file (any layout of
+`fastkd.weights`), ``torchvision:WEIGHTS_NAME`` or ``random``, and checks the class count against the data.
 """
 
 from __future__ import annotations
@@ -18,11 +18,15 @@ import torchvision
 from torch import nn
 
 from fastkd.errors import ModelError
+from fastkd.weights import (
+    Mapped,
+    check_and_load,
+    describe,
+    detect_layout,
+    read_weights_file,
+)
 
 log = logging.getLogger("fastkd")
-
-# Prefixes that wrappers add to parameter names: DDP ("module.") and torch.compile ("_orig_mod.").
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def classification_archs() -> list[str]:
@@ -49,20 +53,6 @@ def create_model(arch: str, num_classes: int) -> nn.Module:
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 
-def strip_wrapper_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Remove DDP/compile prefixes so a state dict loads into the bare torchvision model."""
-    cleaned = {}
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix) :], True
-        cleaned[key] = value
-    return cleaned
-
-
 def _classifier_out_features(
     state_dict: dict[str, Any], model: nn.Module
 ) -> tuple[str, int] | None:
@@ -79,16 +69,13 @@ def _classifier_out_features(
     return last_linear, int(weight.shape[0])
 
 
-def load_failure(exc: BaseException) -> str:
-    """``Type: first line`` of why ``torch.load`` failed (its messages run to several lines of
-    advice about ``weights_only``), so that an error about a bad file stays one line."""
-    lines = str(exc).strip().splitlines()
-    first = lines[0] if lines else ""
-    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
-
-
 def read_state_dict(path: str | Path, role: str = "student") -> dict[str, torch.Tensor]:
-    """Model weights from a state-dict file or from a fastkd checkpoint (its ``role`` entry)."""
+    """Model weights from a file in any layout `fastkd.weights` knows, in torchvision's keys."""
+    path = _existing_file(path, role)
+    return detect_layout(read_weights_file(path), None, role=role, path=path).state_dict
+
+
+def _existing_file(path: str | Path, role: str) -> Path:
     path = Path(path)
     if not path.is_file():
         raise ModelError(
@@ -96,51 +83,37 @@ def read_state_dict(path: str | Path, role: str = "student") -> dict[str, torch.
             f"checkpoint (a loss.kind=ce run's student.pt; python -m fastkd.quickstart trains the "
             f"quickstart teacher first), or use {role}.weights=random for a smoke test"
         )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise ModelError(
-            f"{path}: not a loadable PyTorch weights file ({load_failure(exc)}). "
-            "Pass a state dict saved with torch.save(model.state_dict(), ...) or a fastkd checkpoint."
-        ) from None
-    if isinstance(obj, dict) and obj.get("format") == "fastkd-checkpoint":
-        obj = obj.get(role) or obj.get("student")
-    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelError(
-            f"{path}: holds no model state dict (a mapping of parameter names to tensors)"
-        )
-    return strip_wrapper_prefixes(obj)
+    return path
 
 
-def load_state_dict_checked(
-    model: nn.Module, state_dict: dict[str, Any], source: str, num_classes: int
+def _check_classes(
+    state_dict: dict[str, Any], model: nn.Module, source: str, num_classes: int
 ) -> None:
-    """Load ``state_dict`` strictly, turning mismatches into one readable error."""
     found = _classifier_out_features(state_dict, model)
     if found is not None and found[1] != num_classes:
         raise ModelError(
             f"{source}: the weights classify into {found[1]} classes ({found[0]}.weight) but the data "
             f"has {num_classes}; use weights trained on this data set or point data.root at the matching data"
         )
-    result = model.load_state_dict(state_dict, strict=False)
-    problems = []
-    if result.missing_keys:
-        problems.append(
-            f"missing {len(result.missing_keys)} keys (e.g. {', '.join(result.missing_keys[:3])})"
-        )
-    if result.unexpected_keys:
-        problems.append(
-            f"unexpected {len(result.unexpected_keys)} keys (e.g. {', '.join(result.unexpected_keys[:3])})"
-        )
-    if problems:
-        raise ModelError(
-            f"{source}: does not match architecture {type(model).__name__}: {'; '.join(problems)}. "
-            "Check teacher.arch / student.arch against the weights."
-        )
+
+
+def load_state_dict_checked(
+    model: nn.Module, state_dict: dict[str, Any], source: str, num_classes: int
+) -> None:
+    """Load a torchvision ``state_dict`` strictly, turning mismatches into one readable error."""
+    _check_classes(state_dict, model, source, num_classes)
+    check_and_load(model, Mapped("torchvision", state_dict), source)
+
+
+def _load_file(model: nn.Module, spec: str, num_classes: int, role: str) -> str:
+    """Load the weights file ``spec`` in whichever layout it has; describe what was mapped."""
+    path = _existing_file(spec, role)
+    expected = set(model.state_dict())
+    mapped = detect_layout(read_weights_file(path), expected, role=role, path=path)
+    source = f"{role}.weights={spec}"
+    _check_classes(mapped.state_dict, model, source, num_classes)
+    check_and_load(model, mapped, source)
+    return describe(mapped, path)
 
 
 def _torchvision_weights(arch: str, name: str) -> Any:
@@ -164,7 +137,8 @@ def load_weights(model: nn.Module, spec: str, *, arch: str, num_classes: int, ro
 
     ``spec`` is '' (keep the random init), ``random`` (the same, with a warning: tests and
     benchmarks only), ``torchvision:WEIGHTS_NAME`` (downloaded by torchvision when the node has
-    internet) or a path to a state dict / fastkd checkpoint. ``role`` names the model in messages.
+    internet) or a path to a weights file: a torchvision/timm state dict, a fastkd checkpoint,
+    an mmcls/mmpretrain checkpoint or a ``.safetensors`` file (see `fastkd.weights`). ``role`` names the model in messages.
     """
     if spec == "":
         return "random init"
@@ -192,9 +166,7 @@ def load_weights(model: nn.Module, spec: str, *, arch: str, num_classes: int, ro
             ) from None
         load_state_dict_checked(model, state_dict, f"{role}.weights={spec}", num_classes)
         return f"torchvision {weights}"
-    state_dict = read_state_dict(spec, role=role)
-    load_state_dict_checked(model, state_dict, f"{role}.weights={spec}", num_classes)
-    return f"file {spec}"
+    return _load_file(model, spec, num_classes, role)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

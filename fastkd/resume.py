@@ -24,7 +24,7 @@ from fastkd.config import Config, to_dict
 from fastkd.distributed import DistInfo, ranks_agree
 from fastkd.engine import TrainState
 from fastkd.errors import CheckpointError, ConfigError
-from fastkd.models import load_failure
+from fastkd.weights import load_failure
 
 log = logging.getLogger("fastkd")
 

@@ -33,7 +33,9 @@ def test_quickstart_runs_three_stages_and_reuses_them(tmp_path, capsys):
     assert all(s["num_val_images"] == 15 for s in report)
     # The WSLD stage distilled from the teacher stage's weights...
     teacher_file = tmp_path / "runs" / "teacher" / "student.pt"
-    assert report[2]["teacher_weights"] == f"file {teacher_file}"
+    assert report[2]["teacher_weights"].startswith(
+        f"torchvision-layout state dict {teacher_file} ("
+    )
     # ...and its teacher top-1 is that file measured the way the WSLD stage measures a teacher
     # (BN folded, the stage's precision): the same path on the same machine, so exactly equal.
     assert report[2]["teacher_top1"] == _teacher_top1_as_a_wsld_stage_measures_it(tmp_path)
