@@ -218,7 +218,8 @@ setup(
     extras_require={
         "dali-cuda13": ["nvidia-dali-cuda130"],
         "dali-cuda12": ["nvidia-dali-cuda120"],
-        "dev": ["pytest", "hypothesis", "ruff", "ninja", "safetensors"],
+        "plot": ["matplotlib"],
+        "dev": ["pytest", "hypothesis", "ruff", "ninja", "safetensors", "matplotlib", "tensorboard"],
     },
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},

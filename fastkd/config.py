@@ -388,6 +388,11 @@ class TrainConfig:
         "optimizer) for Nsight Systems (nsys profile --trace=cuda,nvtx); free when no tool listens",
         default=False,
     )
+    tensorboard: bool = _doc(
+        "also write every numeric metrics.jsonl field as a TensorBoard scalar to "
+        "run.dir/tensorboard (needs the tensorboard package)",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")

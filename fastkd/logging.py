@@ -1,4 +1,4 @@
-"""Run records: JSON-lines metrics, console progress lines, TensorBoard when it is installed.
+"""Run records: JSON-lines metrics, console progress lines, TensorBoard when asked (train.tensorboard).
 
 Only rank 0 writes; other ranks get a logger that drops everything, so callers never branch on rank.
 """
@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from fastkd.errors import ConfigError
 
 log = logging.getLogger("fastkd")
 
@@ -41,25 +43,36 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
-class MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl`` (and mirrors scalars to TensorBoard)."""
+def require_tensorboard() -> Any:
+    """``torch.utils.tensorboard.SummaryWriter``, or a `ConfigError` saying what to install."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+    except ImportError as exc:
+        raise ConfigError(
+            "train.tensorboard=true needs the tensorboard package: pip install tensorboard"
+        ) from exc
+    return SummaryWriter
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True) -> None:
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``metrics.jsonl``; with ``tensorboard=True`` also
+    mirrors numeric fields as scalars ``EVENT/KEY`` to ``run_dir/tensorboard`` (x = global_step,
+    else epoch). A missing tensorboard package is then a `ConfigError`, not a silent no-op."""
+
+    def __init__(
+        self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = False
+    ) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = None
         self._tb = None
         if not enabled:
             return
+        summary_writer = require_tensorboard() if tensorboard else None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", buffering=1)  # line-buffered: a crash keeps every record
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-
-                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
-            except (ImportError, ModuleNotFoundError):
-                self._tb = None
+        if summary_writer is not None:
+            self._tb = summary_writer(log_dir=str(Path(run_dir) / "tensorboard"))
 
     def write(self, event: str, **fields: Any) -> None:
         """One record ``{"event": event, "time": ..., **fields}``."""

@@ -4,7 +4,8 @@ Three runs of ``fastkd.train`` on the synthetic JPEG set (generated on first use
 1. the teacher (``configs/quickstart_teacher.yaml``: hard labels, the larger network, longer),
 2. the baseline student (``configs/quickstart_baseline.yaml``: hard labels only),
 3. the WSLD student (``configs/quickstart.yaml``: distilled from the teacher of step 1),
-then a table of teacher / baseline / WSLD top-1, images/sec and where each run lives. Finished runs
+then a table of teacher / baseline / WSLD top-1, images/sec and where each run lives, and the
+``python -m fastkd.plot`` command that draws the students' curves side by side. Finished runs
 are reused when the command is repeated (``run.resume=auto``), so an interrupted quickstart resumes.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -102,7 +104,20 @@ def format_report(summaries: list[dict[str, Any]]) -> str:
             "Reproducible on the same CPU model with the same commit and torch build; another "
             "CPU model (bf16 on Intel AMX vs AMD AVX-512) gives other accuracies."
         )
+    plots = plot_command(summaries)
+    if plots:
+        lines.append(f"plots: {plots}")
     return "\n".join(lines)
+
+
+def plot_command(summaries: list[dict[str, Any]]) -> str | None:
+    """``python -m fastkd.plot`` over the student runs (all runs without students), or None."""
+    students = [s["run_dir"] for s in summaries if s["stage"] != "teacher"]
+    run_dirs = students or [s["run_dir"] for s in summaries]
+    if not run_dirs:
+        return None
+    out = Path(run_dirs[-1]).parent / "plots"
+    return shlex.join(["python", "-m", "fastkd.plot", *map(str, run_dirs), "--out", str(out)])
 
 
 def main(argv: list[str] | None = None) -> int:

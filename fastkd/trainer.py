@@ -60,7 +60,7 @@ from fastkd.engine import (
     train_one_epoch,
 )
 from fastkd.errors import ConfigError, Diverged, Preempted
-from fastkd.logging import MetricsWriter, format_duration, setup_console
+from fastkd.logging import MetricsWriter, format_duration, require_tensorboard, setup_console
 from fastkd.losses import describe_impl
 from fastkd.profiling import StepProfiler
 from fastkd.resume import Position, agree_on_position, agreed_resume, resume_into
@@ -185,6 +185,8 @@ class Trainer:
         What is built before a failure (loaders, metrics file, profiler) is released again.
         """
         cfg.validate()  # a config assembled in code gets the checks a loaded one had
+        if cfg.train.tensorboard:
+            require_tensorboard()  # on every rank, before anything is built: one clear error
         seed_everything(cfg.run.seed, cfg.run.deterministic)
         resume_path = agreed_resume(cfg, dist)
         if dist.is_main:
@@ -222,7 +224,9 @@ class Trainer:
         peak_flops = measure_peak_flops(dist.device, precision.dtype)
         _log_flops(flops_per_image, peak_flops, precision)
         teacher_eval = _evaluate_teacher(cfg, models, val_loader, precision, dist)
-        metrics = MetricsWriter(cfg.run.dir, enabled=dist.is_main)
+        metrics = MetricsWriter(
+            cfg.run.dir, enabled=dist.is_main, tensorboard=cfg.train.tensorboard
+        )
         on_failure.callback(metrics.close)
         state = build_train_state(
             cfg,
