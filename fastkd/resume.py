@@ -87,8 +87,9 @@ def agreed_resume(cfg: Config, dist: DistInfo) -> Path | None:
     return path
 
 
-def check_compatible(saved: dict[str, Any], cfg: Config, num_classes: int, path: Path) -> None:
-    """Refuse a checkpoint of another architecture, class count, loss kind or seed, in one line."""
+def check_compatible(saved: dict[str, Any], cfg: Config, classes: list[str], path: Path) -> None:
+    """Refuse a checkpoint of another architecture, classes, loss kind or seed, in one line."""
+    num_classes = len(classes)
     theirs = saved.get("config") or {}
 
     def saved_value(section: str, key: str) -> Any:
@@ -106,6 +107,11 @@ def check_compatible(saved: dict[str, Any], cfg: Config, num_classes: int, path:
     saved_classes = len(saved.get("classes") or [])
     if saved_classes and saved_classes != num_classes:
         differences.append(f"{saved_classes} classes (data.root has {num_classes})")
+    elif saved_classes and list(saved["classes"]) != list(classes):
+        differing = next((a, b) for a, b in zip(saved["classes"], classes, strict=True) if a != b)
+        differences.append(
+            f"other class folders (class {differing[0]!r} where data.root has {differing[1]!r})"
+        )
     if differences:
         raise CheckpointError(
             f"run.resume: {path} belongs to another run: it has {'; '.join(differences)}. "
@@ -220,9 +226,7 @@ def resume_into(
 ) -> tuple[Position, float]:
     """Load checkpoint ``path`` into the run; returns its position and the best top-1 so far."""
     saved = ckpt_io.load_checkpoint(path)
-    check_compatible(saved, cfg, len(classes), path)
-    if saved.get("classes") and list(saved["classes"]) != list(classes):
-        raise ConfigError(f"run.resume: {path} was trained on other classes than this data set's")
+    check_compatible(saved, cfg, classes, path)
     _load_states(saved, state, student, path)
     position, moved = _position(saved, steps, dist.rank)
     saved_world = int(saved.get("world_size") or dist.world_size)

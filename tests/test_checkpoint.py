@@ -106,23 +106,24 @@ def test_a_save_failing_mid_write_keeps_the_previous_checkpoint(saved, monkeypat
     assert_alone(saved)
 
 
-def test_a_failing_file_fsync_keeps_the_previous_checkpoint(saved, monkeypatch):
-    def fsync(fd: int) -> None:
-        raise OSError(errno.EIO, "Input/output error")
+def _raise(error: OSError):
+    def fail(*args: Any) -> None:
+        raise error
 
-    monkeypatch.setattr(ckpt_io.os, "fsync", fsync)
-    with pytest.raises(OSError, match="Input/output error"):
-        ckpt_io.atomic_save(checkpoint_like(2), saved)
-    assert_holds(saved, 1)
-    assert_alone(saved)
+    return fail
 
 
-def test_a_failing_rename_keeps_the_previous_checkpoint(saved, monkeypatch):
-    def replace(src: Any, dst: Any) -> None:
-        raise OSError(errno.EXDEV, "Invalid cross-device link")
-
-    monkeypatch.setattr(ckpt_io.os, "replace", replace)
-    with pytest.raises(OSError, match="cross-device"):
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        ("fsync", OSError(errno.EIO, "Input/output error")),
+        ("replace", OSError(errno.EXDEV, "Invalid cross-device link")),
+    ],
+    ids=["file-fsync", "rename"],
+)
+def test_a_failing_fsync_or_rename_keeps_the_previous_checkpoint(saved, monkeypatch, call, error):
+    monkeypatch.setattr(ckpt_io.os, call, _raise(error))
+    with pytest.raises(OSError, match=error.strerror):
         ckpt_io.atomic_save(checkpoint_like(2), saved)
     assert_holds(saved, 1)
     assert_alone(saved)

@@ -295,7 +295,7 @@ def test_a_checkpoint_of_another_run_is_one_line_naming_both_values(tiny_imagefo
         "classes": [str(i) for i in range(1000)],
     }
     with pytest.raises(CheckpointError) as raised:
-        resume.check_compatible(saved, cfg, 4, Path("x/last.pt"))
+        resume.check_compatible(saved, cfg, ["a", "b", "c", "d"], Path("x/last.pt"))
     message = str(raised.value)
     assert "\n" not in message
     for part in (
@@ -305,6 +305,13 @@ def test_a_checkpoint_of_another_run_is_one_line_naming_both_values(tiny_imagefo
         "config.yaml",
     ):
         assert part in message
+    # The same class count with other folder names is another run too.
+    same_count = {"config": to_dict(cfg), "classes": ["a", "b", "x", "d"]}
+    with pytest.raises(CheckpointError, match=r"class 'x' where data.root has 'c'"):
+        resume.check_compatible(same_count, cfg, ["a", "b", "c", "d"], Path("x/last.pt"))
+    resume.check_compatible(
+        {**same_count, "classes": ["a", "b", "c", "d"]}, cfg, list("abcd"), Path("p")
+    )
 
 
 @pytest.mark.filterwarnings("ignore:training is data-bound")
