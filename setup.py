@@ -219,6 +219,7 @@ setup(
         "dali-cuda13": ["nvidia-dali-cuda130"],
         "dali-cuda12": ["nvidia-dali-cuda120"],
         "plot": ["matplotlib"],
+        "export": ["onnx", "onnxscript"],  # python -m fastkd.export --format onnx
         "dev": [
             "pytest",
             "hypothesis",
@@ -227,6 +228,9 @@ setup(
             "safetensors",
             "matplotlib",
             "tensorboard",
+            "onnx",
+            "onnxscript",
+            "onnxruntime",
         ],
     },
     ext_modules=extensions(),

@@ -28,6 +28,9 @@
 #               autotuning compile modes; FLOPs per image and MFU; the default variant's top CUDA
 #               kernels from torch.profiler (traces stay in $WORK). The JSON is rewritten after
 #               every variant, so a variant that hits the section's limit keeps the earlier ones.
+#   diagnostics benchmarks/bench_diagnostics.py: the default step (+ the meter) with
+#               train.diagnostics on vs off, alternating blocks, 224 px, batch 256 (last: the
+#               least needed; its limit takes the bound below past 15 minutes, to 17)
 #
 # To add a section: write a script that takes an output path and writes JSON there, then add a
 # `section NAME TIMEOUT_S JSON_PATH command...` line below.
@@ -169,7 +172,7 @@ if "$PYTHON" -c "import pytest" 2>/dev/null; then
   # --noconftest: these files need no shared fixtures, and tests/conftest.py imports the
   # data pipeline, whose optional dependencies need not be on the GPU machine.
   section tests 90 "$OUT/tests.json" "$PYTHON" -m pytest tests/test_ops.py tests/test_losses.py tests/test_sync.py tests/test_engine.py \
-    -m gpu -q -p no:cacheprovider --noconftest -ra --junitxml="$WORK/tests.xml" -o junit_family=xunit2
+    tests/test_diagnostics.py -m gpu -q -p no:cacheprovider --noconftest -ra --junitxml="$WORK/tests.xml" -o junit_family=xunit2
   # Condense the junit XML into the section's JSON (counts and failing test names).
   "$PYTHON" - "$WORK/tests.xml" "$OUT/tests.json" <<'PY' || true
 import json, sys, xml.etree.ElementTree as ET
@@ -227,6 +230,14 @@ if [ "$HAS_GPU" = "1" ]; then
     --json "$OUT/bench_train.json"
 else
   skip_section train "no CUDA device: the CPU numbers come from benchmarks/bench_train.py run directly"
+fi
+
+# --- the diagnostics' cost: the default step with train.diagnostics on vs off --------------------
+if [ "$HAS_GPU" = "1" ]; then
+  section diagnostics 120 "$OUT/bench_diagnostics.json" "$PYTHON" benchmarks/bench_diagnostics.py \
+    --image-size 224 --batch-size 256 --rounds 6 --block 10 --json "$OUT/bench_diagnostics.json"
+else
+  skip_section diagnostics "no CUDA device: the CPU ratio comes from benchmarks/bench_diagnostics.py"
 fi
 
 write_summary

@@ -200,7 +200,7 @@ def build_train_state(
         epochs=cfg.train.epochs,
         steps_per_epoch=steps_per_epoch,
     )
-    objective = build_objective(cfg.loss)
+    objective = build_objective(cfg.loss, diagnostics_on=cfg.train.diagnostics)
     if cfg.train.compile:
         objective = torch.compile(objective, fullgraph=True)
     meter = TrainMeter(

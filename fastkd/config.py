@@ -388,6 +388,13 @@ class TrainConfig:
         "optimizer) for Nsight Systems (nsys profile --trace=cuda,nvtx); free when no tool listens",
         default=False,
     )
+    diagnostics: bool = _doc(
+        "distillation diagnostics in step/epoch records and progress lines: the teacher's "
+        "train top-1 and, for WSLD, the distribution of w (mean, p10/p50/p90), the fraction of "
+        "regularization samples (CE_s < CE_t) and mean w on them vs the rest "
+        "(fastkd/diagnostics.py)",
+        default=True,
+    )
     tensorboard: bool = _doc(
         "also write every numeric metrics.jsonl field as a TensorBoard scalar to "
         "run.dir/tensorboard (needs the tensorboard package)",

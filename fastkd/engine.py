@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastkd import diagnostics
 from fastkd.config import LossConfig, OptimConfig, SchedConfig, TrainConfig
 from fastkd.distributed import all_reduce_sum
 from fastkd.errors import ConfigError
-from fastkd.losses import kd_loss, wsld_ce_loss
+from fastkd.losses import kd_loss, wsld_ce_terms
 from fastkd.meter import SKIPPED, TrainMeter, sync
 from fastkd.profiling import StepProfiler
 
@@ -204,11 +205,13 @@ def build_scheduler(
 # ---------------------------------------------------------------------------------------------
 
 
-def build_objective(cfg: LossConfig) -> Objective:
+def build_objective(cfg: LossConfig, *, diagnostics_on: bool = False) -> Objective:
     """``objective(student_logits, teacher_logits, labels) -> (total, terms)`` for ``loss.kind``.
 
     ``total`` carries the gradient; ``terms`` are detached 0-dim tensors for logging (``loss``
     and ``ce`` always, plus ``kd`` or ``wsld`` and ``wsld_weight`` for distillation).
+    ``diagnostics_on`` (distillation only) adds the step's `fastkd.diagnostics` count vector
+    under ``diagnostics.COUNTS``, a 1-D tensor that the meter sums rather than averages.
     """
     if cfg.kind == "ce":
 
@@ -228,7 +231,10 @@ def build_objective(cfg: LossConfig) -> Objective:
             )
             kd = kd_loss(student_logits, teacher_logits, tau=cfg.tau, loss_weight=cfg.loss_weight)
             total = cfg.ce_weight * ce + kd
-            return total, {"loss": total.detach(), "ce": ce.detach(), "kd": kd.detach()}
+            logged = {"loss": total.detach(), "ce": ce.detach(), "kd": kd.detach()}
+            if diagnostics_on:
+                logged[diagnostics.COUNTS] = diagnostics.step_counts(teacher_logits, labels)
+            return total, logged
 
         return kd_objective
 
@@ -238,7 +244,7 @@ def build_objective(cfg: LossConfig) -> Objective:
         # The fused op computes the hard-label CE with the WSLD term in one pass; with label
         # smoothing it gives the WSLD term alone (its weights w still use the unsmoothed CEs,
         # as the method defines them) and the smoothed CE is computed beside it.
-        terms = wsld_ce_loss(
+        terms, rows = wsld_ce_terms(
             student_logits,
             teacher_logits,
             labels,
@@ -258,6 +264,8 @@ def build_objective(cfg: LossConfig) -> Objective:
             "wsld": terms.wsld,
             "wsld_weight": terms.weight_mean,
         }
+        if diagnostics_on:
+            logged[diagnostics.COUNTS] = diagnostics.step_counts(teacher_logits, labels, rows)
         return total, logged
 
     return wsld_objective

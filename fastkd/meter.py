@@ -14,6 +14,11 @@ line after it, with its epoch, step and terms (`TrainMeter.nonfinite`), without 
 Under fp16 loss scaling the steps the grad scaler skipped (a ``skipped`` term) are counted.
 A run resumed mid-epoch restores the epoch's sums (`TrainMeter.state_dict`), so the epoch's
 record is the one the uninterrupted run writes.
+
+Distillation diagnostics (`fastkd.diagnostics`) arrive as a count vector among the terms; the
+meter sums it on the device, reads it with the log line's values, and reports it per interval
+(a step record's ``w_*``, ``reg_*``, ``teacher_top1`` cover the steps since the previous step
+record, where its loss terms are the epoch's running means) and per epoch (over every rank).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 
 import torch
 
+from fastkd import diagnostics
 from fastkd.distributed import DistInfo, all_reduce_sum
 from fastkd.logging import MetricsWriter, format_duration
 
@@ -118,10 +124,15 @@ class TrainMeter:
         self._correct = torch.zeros((), device=self.device, dtype=torch.float64)
         self._step = self._first_step = start  # the step of the epoch (1-based) last counted
         self._steps_done = self._images_seen = 0  # what the sums hold
+        self._counts: torch.Tensor | None = None  # the epoch's diagnostics counts (float64)
+        self._counts_read: list[float] | None = None  # their values at the last read
         if resume:
             self._term_sums = {k: v.to(self.device) for k, v in resume["term_sums"].items()}
             self._correct = resume["correct"].to(self.device)
             self._steps_done, self._images_seen = resume["steps_done"], resume["images_seen"]
+            if resume.get("counts") is not None:  # absent in checkpoints before diagnostics
+                self._counts = resume["counts"].to(self.device)
+                self._counts_read = resume["counts"].tolist()  # a CPU tensor: no device read
         self._recent: list[tuple[int, int, dict[str, torch.Tensor]]] = []
         self._timed_images, self._timed_s = 0, 0.0  # steady-state steps only
         self._epoch_start = time.perf_counter()
@@ -134,6 +145,7 @@ class TrainMeter:
             "correct": self._correct.detach().cpu().clone(),  # a copy: the sum grows in place
             "steps_done": self._steps_done,
             "images_seen": self._images_seen,
+            "counts": None if self._counts is None else self._counts.detach().cpu().clone(),
         }
 
     @contextlib.contextmanager
@@ -153,6 +165,10 @@ class TrainMeter:
         excluded: bool = False,
     ) -> None:
         """Count one step; log when an interval ends. ``excluded``: keep it out of images/sec."""
+        if diagnostics.COUNTS in terms:  # a vector of sums: summed as it is, never averaged
+            terms = dict(terms)
+            counts = terms.pop(diagnostics.COUNTS).double()
+            self._counts = counts if self._counts is None else self._counts + counts
         for name, value in terms.items():  # device tensors: no host synchronization here
             self._term_sums[name] = self._term_sums.get(name, 0) + value.float()
         self._correct += (student_logits.detach().argmax(dim=1) == labels).sum()
@@ -206,10 +222,21 @@ class TrainMeter:
             record["skipped_steps"] = round(record.pop(SKIPPED) * steps)
         return record
 
+    def _diagnostics(self, counts: list[float]) -> dict[str, float]:
+        """The diagnostics of the counts summed since the last read; remembers ``counts``."""
+        since = counts
+        if self._counts_read is not None:
+            since = [now - then for now, then in zip(counts, self._counts_read, strict=True)]
+        self._counts_read = counts
+        return diagnostics.summarize(since)
+
     def _log_interval(self, global_step: int) -> None:
         sums = self._term_sums
         means = torch.stack([v.reshape(()).double() for v in sums.values()]) / self._steps_done
-        record = self._counted(dict(zip(sums, self._read(means), strict=True)), self._steps_done)
+        head = means if self._counts is None else torch.cat([means, self._counts])
+        values = self._read(head)
+        record = self._counted(dict(zip(sums, values, strict=False)), self._steps_done)
+        record.update(self._diagnostics(values[len(sums) :]))
         interval = self._interval
         elapsed = max(1e-9, time.perf_counter() - interval.start)
         self._timed_images += interval.images
@@ -256,9 +283,15 @@ class TrainMeter:
         wait_frac: float,
         eta_s: float,
     ) -> None:
+        summary = {k: record[k] for k in record if k in diagnostics.FIELDS}  # shown compactly
         terms_text = " ".join(
-            f"{k} {v:.4f}" for k, v in record.items() if k not in ("loss", "skipped_steps")
-        )
+            f"{k} {v:.4f}"
+            for k, v in record.items()
+            if k not in ("loss", "skipped_steps") and k not in summary
+            and not (k == "wsld_weight" and "w_mean" in summary)  # the same mean, twice
+        )  # fmt: skip
+        if summary:
+            terms_text += "; " + diagnostics.describe(summary)
         if record.get("skipped_steps"):
             terms_text += f"; fp16 steps skipped {record['skipped_steps']}"
         device_text = f" mfu {extra['mfu']:.1%}" if "mfu" in extra else ""
@@ -296,10 +329,14 @@ class TrainMeter:
         for i, name in enumerate(names):
             totals[i] = self._term_sums[name].double()
         totals[-3], totals[-2], totals[-1] = self._correct, self._images_seen, self._steps_done
+        if self._counts is not None:  # one reduction and one read for both
+            totals = torch.cat([self._counts, totals])
         values = self._read(all_reduce_sum(totals))
+        counts, values = values[: len(values) - len(names) - 3], values[-len(names) - 3 :]
         result = {name: values[i] / max(1.0, values[-1]) for i, name in enumerate(names)}
         result = self._counted(result, values[-1] / self.world_size)
         result["train_top1"] = values[-3] / max(1.0, values[-2])
+        result.update(diagnostics.summarize(counts))
         result["img_per_s"] = (
             timed_images * self.world_size / max(1e-9, timed_s) if timed_images else float("nan")
         )

@@ -53,9 +53,7 @@ def create_model(arch: str, num_classes: int) -> nn.Module:
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 
-def _classifier_out_features(
-    state_dict: dict[str, Any], model: nn.Module
-) -> tuple[str, int] | None:
+def classifier_out_features(state_dict: dict[str, Any], model: nn.Module) -> tuple[str, int] | None:
     """The name and output size of the model's last Linear layer as found in ``state_dict``."""
     last_linear = None
     for name, module in model.named_modules():
@@ -89,7 +87,7 @@ def _existing_file(path: str | Path, role: str) -> Path:
 def _check_classes(
     state_dict: dict[str, Any], model: nn.Module, source: str, num_classes: int
 ) -> None:
-    found = _classifier_out_features(state_dict, model)
+    found = classifier_out_features(state_dict, model)
     if found is not None and found[1] != num_classes:
         raise ModelError(
             f"{source}: the weights classify into {found[1]} classes ({found[0]}.weight) but the data "

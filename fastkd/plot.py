@@ -1,7 +1,9 @@
 """``python -m fastkd.plot RUN_DIR [RUN_DIR ...] --out DIR``: PNG figures of runs' metrics.jsonl.
 
 One figure per topic: loss terms (train, per step), top-1/top-5 (per epoch), lr, images/sec,
-data-wait fraction, WSLD's own fields (``wsld_weight``) and any other numeric step field.
+data-wait fraction, the distillation diagnostics (``wsld.png``: w's mean and p10/p50/p90, the
+regularization-sample fraction, mean w on them vs the rest, the teacher's train top-1,
+``wsld_weight``; see fastkd/diagnostics.py) and any other numeric step field.
 Several runs overlay, labelled ``FOLDER (loss.kind)``. Every record is plotted in file order, so
 a resumed run (several ``start`` records) shows as one curve. Needs matplotlib (the ``plot``
 extra); drawn with the non-interactive Agg backend.
@@ -23,8 +25,19 @@ from fastkd.logging import read_metrics
 
 INSTALL_HINT = 'fastkd.plot needs matplotlib: pip install -e ".[plot]"'
 LOSS_TERMS = ("loss", "ce", "kd", "wsld")
-WSLD_FIELDS = ("wsld_weight",)
+WSLD_FIELDS = ("wsld_weight", "teacher_top1")
 WSLD_PREFIXES = ("w_", "reg_")
+# The diagnostics' panels: (title, y label, curves as (key, legend suffix, line style)).
+WSLD_PANELS = (
+    ("w per log interval: mean, p10 / p50 / p90", "w",
+     (("w_mean", " mean", "-"), ("w_p10", " p10", ":"), ("w_p50", " p50", "--"),
+      ("w_p90", " p90", "-."))),
+    ("regularization samples (CE_s < CE_t)", "fraction of rows", (("reg_frac", "", "-"),)),
+    ("mean w: regularization samples vs the rest", "w",
+     (("w_reg", " reg. samples", "-"), ("w_rest", " rest", "--"))),
+    ("teacher top-1 on the training batches", "fraction", (("teacher_top1", "", "-"),)),
+    ("wsld_weight (mean w, epoch so far)", "w", (("wsld_weight", "", "-"),)),
+)  # fmt: skip
 # Step fields with a figure of their own (or none: counters and bookkeeping).
 KNOWN_STEP_FIELDS = {
     "event",
@@ -135,9 +148,21 @@ def figure_specs(runs: list[Series]) -> dict[str, list[Panel]]:
         if _present(runs, key):
             specs[name] = [Panel(ylabel, ylabel, [("steps", key, "", "-")], log_y=log_y)]
     wsld, other = _extra_fields(runs)
-    for name, keys in (("wsld", wsld), ("other", other)):
-        if keys:
-            specs[name] = [Panel(k, k, [("steps", k, "", "-")]) for k in keys]
+    if "wsld_weight" in wsld and all(  # the same mean as w_mean (epoch so far): one is enough
+        _present([s], "w_mean") for s in runs if _present([s], "wsld_weight")
+    ):
+        wsld.remove("wsld_weight")
+    panels = []
+    for title, ylabel, curves in WSLD_PANELS:
+        present = [("steps", key, suffix, style) for key, suffix, style in curves if key in wsld]
+        if present:
+            panels.append(Panel(title, ylabel, present))
+    grouped = {key for _, _, curves in WSLD_PANELS for key, _, _ in curves}
+    panels += [Panel(k, k, [("steps", k, "", "-")]) for k in wsld if k not in grouped]
+    if panels:
+        specs["wsld"] = panels
+    if other:
+        specs["other"] = [Panel(k, k, [("steps", k, "", "-")]) for k in other]
     return specs
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from fastkd import checkpoint as ckpt_io
+from fastkd import diagnostics
 from fastkd.builders import (
     Models,
     build_loaders,
@@ -555,13 +556,15 @@ def _evaluate_teacher(
 
 
 def _log_epoch(record: dict[str, Any], epochs: int) -> None:
+    described = diagnostics.describe(record)
     log.info(
-        "epoch %d/%d done in %s: loss %.4f train-top1 %.4f | val top1 %s top5 %s | %.0f img/s",
+        "epoch %d/%d done in %s: loss %.4f train-top1 %.4f%s | val top1 %s top5 %s | %.0f img/s",
         record["epoch"],
         epochs,
         format_duration(record["epoch_time_s"]),
         record["loss"],
         record["train_top1"],
+        f" ({described})" if described else "",
         _fmt(record["top1"]),
         _fmt(record["top5"]),
         record["img_per_s"],

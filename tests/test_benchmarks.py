@@ -6,6 +6,7 @@ to end, writes the documented JSON layout, and reports rather than hides what we
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -394,6 +395,39 @@ def test_bench_startup_never_deletes_a_foreign_folder(tmp_path):
     assert (tmp_path / "large" / "mine.txt").read_text() == "keep me"
 
 
+# --- bench_diagnostics ----------------------------------------------------------------------------
+
+
+def test_bench_diagnostics_times_both_sides_and_they_differ(tmp_path, capsys):
+    """The two sides really differ (one meter sums diagnostics, the other has none) and the JSON
+    has both rates, their ratio and the per-round ratios the ratio is read against."""
+    import bench_diagnostics
+
+    tiny = ["--teacher", "resnet18", "--image-size", "32", "--batch-size", "4", "--num-classes",
+            "10", "--device", "cpu", "--variant", "eager/fp32/nchw", "--warmup", "0"]  # fmt: skip
+    args = argparse.Namespace(
+        teacher="resnet18", student="resnet18", loss="wsld", loss_impl="auto", image_size=32,
+        batch_size=4, num_classes=10, variant="eager/fp32/nchw", compile_mode="default",
+        device="cpu", workers=0, log_every=50,
+    )  # fmt: skip
+    states = bench_diagnostics.build_states(args, torch.device("cpu"))
+    images, labels = torch.randn(4, 3, 32, 32), torch.arange(4)
+    for side, state in states.items():
+        bench_diagnostics.run_block(state, images, labels, 1)
+        assert (state.meter._counts is not None) == (side == "on"), side
+    assert states["on"].student is states["off"].student  # one set of models for both
+
+    out = tmp_path / "diag.json"
+    assert bench_diagnostics.main([*tiny, "--rounds", "2", "--block", "1", "--json", str(out)]) == 0
+    (row,) = load(out)["results"]
+    assert row["on_img_per_s"] > 0 and row["off_img_per_s"] > 0 and len(row["round_ratios"]) == 2
+    assert row["ratio_on_off"] == pytest.approx(row["on_img_per_s"] / row["off_img_per_s"])
+    assert "ratio_on_off" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_diagnostics.main([*tiny, "--rounds", "0"])
+    assert "--rounds must be >= 1" in capsys.readouterr().err
+
+
 # --- gpu_check.sh ---------------------------------------------------------------------------------
 
 
@@ -424,7 +458,7 @@ def test_gpu_check_without_a_gpu_reports_and_skips(tmp_path):
     assert summary["all_ok"], sections
     assert sections["build"]["status"] == "skipped"
     assert sections["loss_check"]["result_status"] == "skipped"
-    for name in ("trainer", "trainer_cudagraphs", "train"):
+    for name in ("trainer", "trainer_cudagraphs", "train", "diagnostics"):
         assert sections[name]["status"] == "skipped"
         assert "no CUDA device" in " ".join(sections[name]["log_tail"])
     assert sections["tests"]["result_status"] == "passed"  # the gpu tests, all skipped here

@@ -61,8 +61,8 @@ def poison_loss_at(monkeypatch: pytest.MonkeyPatch, global_step: int) -> None:
     real = builders.build_objective
     calls = [0]
 
-    def build_objective(cfg):
-        objective = real(cfg)
+    def build_objective(cfg, **options):
+        objective = real(cfg, **options)
 
         def poisoned(student_logits, teacher_logits, labels):
             calls[0] += 1

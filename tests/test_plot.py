@@ -3,6 +3,7 @@ quickstart's pointer at the plot command."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import yaml
 
 from fastkd.config import Config, ConfigError, load_config
 from fastkd.logging import MetricsWriter, read_metrics
-from fastkd.plot import figure_specs, load_run
+from fastkd.plot import WSLD_PANELS, figure_specs, load_run
 from fastkd.plot import main as plot_main
 from fastkd.quickstart import format_report
 from fastkd.trainer import run
@@ -35,6 +36,10 @@ def fake_run(run_dir: Path, kind: str, *, epochs: int = 3, steps: int = 4) -> Pa
             terms = {"loss": 2.0 / g, "ce": 1.5 / g}
             if kind == "wsld":
                 terms.update(wsld=0.5 / g, wsld_weight=0.3 + 0.01 * g, reg_extra=0.1 * g)
+                terms.update(  # fastkd.diagnostics' fields
+                    w_mean=0.6, w_p10=0.2 + 0.01 * g, w_p50=0.6, w_p90=0.9, reg_frac=0.4,
+                    w_reg=0.3, w_rest=0.8, teacher_top1=0.5 + 0.01 * g,
+                )  # fmt: skip
             writer.write(
                 "step",
                 epoch=epoch,
@@ -94,7 +99,16 @@ def test_every_figure_of_a_resumed_wsld_run(tmp_path, capsys):
     assert [r["epoch"] for r in series.epochs] == [1, 2, 3]
     specs = figure_specs([series])
     assert [p.title for p in specs["loss"]] == ["train loss", "train ce", "train wsld"]
-    assert [p.title for p in specs["wsld"]] == ["wsld_weight", "reg_extra"]
+    titles = [p.title for p in specs["wsld"]]  # wsld_weight, the same mean as w_mean: left out
+    assert titles == [panel[0] for panel in WSLD_PANELS[:-1]] + ["reg_extra"]
+    older = fake_run(tmp_path / "older", "wsld")  # a run from before the diagnostics
+    lines = (older / "metrics.jsonl").read_text().splitlines()
+    trimmed = [{k: v for k, v in json.loads(line).items() if k != "w_mean"} for line in lines]
+    (older / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trimmed))
+    both = figure_specs([series, load_run(older)])["wsld"]
+    assert "wsld_weight (mean w, epoch so far)" in [p.title for p in both]
+    w_panel = specs["wsld"][0]
+    assert [curve[1] for curve in w_panel.curves] == ["w_mean", "w_p10", "w_p50", "w_p90"]
     assert [p.title for p in specs["other"]] == ["mfu", "skipped_steps"]
     assert [[c[1] for c in p.curves] for p in specs["accuracy"]] == [
         ["top1", "train_top1"],

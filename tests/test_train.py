@@ -14,7 +14,7 @@ import torchvision
 import yaml
 
 from fastkd import checkpoint as ckpt_io
-from fastkd import engine
+from fastkd import diagnostics, engine
 from fastkd.builders import build_models, build_train_state
 from fastkd.config import ConfigError, load_config
 from fastkd.distributed import DistInfo
@@ -115,6 +115,13 @@ def test_training_writes_the_run_folder(tiny_imagefolder, tmp_path):
         for r in steps
     )
     assert all(0.0 <= r["wsld_weight"] <= 1.0 for r in steps)
+    # train.diagnostics (default on): per interval in step records, per epoch in epoch records.
+    for r in steps + epochs:
+        assert 0.0 <= r["w_p10"] <= r["w_p50"] <= r["w_p90"] <= 1.0, r
+        assert 0.0 <= r["reg_frac"] <= 1.0 and 0.0 <= r["teacher_top1"] <= 1.0, r
+        assert 0.0 <= r["w_mean"] <= 1.0, r
+    for r in epochs:  # the epoch's mean w is the running mean of the loss term wsld_weight
+        assert r["w_mean"] == pytest.approx(r["wsld_weight"], rel=1e-5)
     # student.pt loads straight into the torchvision model and reproduces the summary's accuracy.
     model = torchvision.models.resnet18(num_classes=4)
     model.load_state_dict(torch.load(run_dir / "student.pt", weights_only=True))
@@ -203,15 +210,22 @@ def test_compiled_step_matches_eager(tiny_imagefolder, tmp_path):
         before = {k: v.detach().clone() for k, v in models.student.named_parameters()}
         terms, _ = train_step(state, images, labels)
         deltas = {k: v.detach() - before[k] for k, v in models.student.named_parameters()}
-        outcome[compiled] = ({k: float(v) for k, v in terms.items()}, deltas)
+        counts = terms.pop(diagnostics.COUNTS)  # the diagnostics' sums, compiled alike
+        assert counts.shape == (5 + diagnostics.BINS,)
+        outcome[compiled] = ({k: float(v) for k, v in terms.items()}, deltas, counts)
     # Evaluation through the compiled student equals the bare student on the same weights.
     models.eval_model.eval()
     with torch.no_grad():
         torch.testing.assert_close(
             models.eval_model(images), models.student(images), rtol=1e-4, atol=1e-4
         )
-    (eager_terms, eager_deltas), (compiled_terms, compiled_deltas) = outcome[False], outcome[True]
+    (eager_terms, eager_deltas, eager_counts) = outcome[False]
+    (compiled_terms, compiled_deltas, compiled_counts) = outcome[True]
     assert compiled_terms == pytest.approx(eager_terms, rel=1e-4, abs=1e-6)
+    # Rows, teacher hits and regularization samples are counts; a w within 1e-4 of a histogram
+    # edge may land in the next bin.
+    torch.testing.assert_close(compiled_counts[:5], eager_counts[:5], rtol=1e-4, atol=1e-4)
+    assert (compiled_counts[5:] - eager_counts[5:]).abs().max() <= 1
     assert eager_deltas.keys() == compiled_deltas.keys()
     # The head's update follows straight from the loss gradient: tight. Deeper layers see it
     # through ~17 train-mode BatchNorms over 8 images (layer4 is 1x1 at 32 px), whose backward

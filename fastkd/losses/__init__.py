@@ -7,19 +7,23 @@ term alone (equal to mmrazor's ``WSLD``). See ``fastkd/losses/wsld.py`` for the 
 from fastkd.losses.wsld import (
     LossTerms,
     WSLDLoss,
+    WSLDRows,
     describe_impl,
     fused_available,
     kd_loss,
     wsld_ce_loss,
+    wsld_ce_terms,
     wsld_loss,
 )
 
 __all__ = [
     "LossTerms",
     "WSLDLoss",
+    "WSLDRows",
     "describe_impl",
     "fused_available",
     "kd_loss",
     "wsld_ce_loss",
+    "wsld_ce_terms",
     "wsld_loss",
 ]

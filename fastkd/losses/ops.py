@@ -44,6 +44,8 @@ __all__ = [
 BUILD_COMMAND = "pip install --no-build-isolation -e ."
 OP_NAMES = ("fastkd::wsld", "fastkd::wsld_ce", "fastkd::wsld_backward")
 NUM_STATS = 8  # columns of row_stats (kernels/wsld.h: StatsColumn)
+# The columns fastkd.losses.WSLDRows reads (kernels/wsld.h: kTeacherMax, kWeight, ...).
+STATS_TEACHER_MAX, STATS_WEIGHT, STATS_SOFT_CE, STATS_STUDENT_CE = 1, 5, 6, 7
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

@@ -36,9 +36,11 @@ __all__ = [
     "Impl",
     "LossTerms",
     "WSLDLoss",
+    "WSLDRows",
     "fused_available",
     "kd_loss",
     "wsld_ce_loss",
+    "wsld_ce_terms",
     "wsld_loss",
     "wsld_reference",
 ]
@@ -63,6 +65,17 @@ class LossTerms(NamedTuple):
     ce: Tensor
     wsld: Tensor
     weight_mean: Tensor
+
+
+class WSLDRows(NamedTuple):
+    """Per-row values behind one evaluation of the loss, shape (N,), detached, in the loss's
+    accumulation dtype (float32; float64 for float64 logits). The fused op has them already (its
+    ``row_stats``), so they cost nothing extra to return; `fastkd.diagnostics` reads them."""
+
+    weight: Tensor  # w_i
+    student_ce: Tensor  # CE_s_i, the student's hard-label cross-entropy (tau = 1)
+    soft_ce: Tensor  # ce_i, the soft-label cross-entropy at tau
+    teacher_max: Tensor  # max_c t_ic
 
 
 def _use_fused(impl: str, student_logits: Tensor) -> bool:
@@ -151,6 +164,22 @@ def wsld_reference(
 
     Validates its inputs like the fused op; ``total`` has the gradient, the rest are detached.
     """
+    return _reference_terms(
+        student_logits, teacher_logits, labels, tau=tau, loss_weight=loss_weight,
+        ce_weight=ce_weight,
+    )[0]  # fmt: skip
+
+
+def _reference_terms(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    tau: float,
+    loss_weight: float,
+    ce_weight: float,
+) -> tuple[LossTerms, WSLDRows]:
+    """`wsld_reference`'s terms and the per-row values behind them."""
     ops.check_inputs(student_logits, teacher_logits, labels, tau)
     _check_label_values(labels, student_logits.shape[1])
     dtype = ops.accumulate_dtype(student_logits, teacher_logits)
@@ -173,7 +202,9 @@ def wsld_reference(
     ce = ce_student.sum() * inv_rows
     # No 0 * ce term when ce_weight is 0: it would turn an infinite CE (a -inf logit) into NaN.
     total = ce * ce_weight + wsld if ce_weight != 0 else wsld
-    return LossTerms(total, ce.detach(), wsld.detach(), weight.sum().detach() * inv_rows)
+    terms = LossTerms(total, ce.detach(), wsld.detach(), weight.sum().detach() * inv_rows)
+    rows = WSLDRows(weight, ce_student.detach(), soft_ce.detach(), teacher.amax(dim=1))
+    return terms, rows
 
 
 def wsld_loss(
@@ -218,20 +249,41 @@ def wsld_ce_loss(
     With the fused op this is one kernel pass per direction for both terms, which share the
     student's log-sum-exp. ``impl`` as in ``wsld_loss``.
     """
+    return wsld_ce_terms(
+        student_logits, teacher_logits, labels, tau=tau, loss_weight=loss_weight,
+        ce_weight=ce_weight, impl=impl,
+    )[0]  # fmt: skip
+
+
+def wsld_ce_terms(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    tau: float,
+    loss_weight: float,
+    ce_weight: float,
+    impl: Impl = "auto",
+) -> tuple[LossTerms, WSLDRows]:
+    """`wsld_ce_loss`'s terms and the per-row values behind them (`WSLDRows`: w_i, CE_s_i, ce_i,
+    max_c t_ic), for diagnostics; the fused op returns the rows with no extra pass."""
     if _use_fused(impl, student_logits):
-        # The op's autograd formula (C++) gives total its gradient; row_stats is for backward.
-        *terms, _ = torch.ops.fastkd.wsld_ce.default(
+        # The op's autograd formula (C++) gives total its gradient; row_stats also feeds backward.
+        *terms, stats = torch.ops.fastkd.wsld_ce.default(
             student_logits, teacher_logits, labels, float(tau), float(loss_weight), float(ce_weight)
         )
-        return LossTerms(*terms)
-    return wsld_reference(
-        student_logits,
-        teacher_logits,
-        labels,
-        tau=tau,
-        loss_weight=loss_weight,
+        stats = stats.detach()
+        rows = WSLDRows(
+            stats[:, ops.STATS_WEIGHT],
+            stats[:, ops.STATS_STUDENT_CE],
+            stats[:, ops.STATS_SOFT_CE],
+            stats[:, ops.STATS_TEACHER_MAX],
+        )
+        return LossTerms(*terms), rows
+    return _reference_terms(
+        student_logits, teacher_logits, labels, tau=tau, loss_weight=loss_weight,
         ce_weight=ce_weight,
-    )
+    )  # fmt: skip
 
 
 class WSLDLoss(nn.Module):
