@@ -211,6 +211,7 @@ def build_train_state(
         compiled=cfg.train.compile,
         flops_per_image=flops_per_image,
         peak_flops=peak_flops,
+        diagnostics=cfg.train.diagnostics,
     )
     return TrainState(
         student=models.train_model,

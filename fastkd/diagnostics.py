@@ -12,12 +12,14 @@ line, and `summarize` turns a sum of vectors (an interval, an epoch, every rank)
 * ``reg_frac``: the fraction of *regularization samples*, rows where the student's hard-label CE
   is below the teacher's (CE_s < CE_t, the paper's section 3). Since w is increasing in
   CE_s / CE_t, they are exactly the rows with w < 1 - 1/e (up to rounding at the boundary).
-* ``w_reg``, ``w_rest``: the mean w on them and on the other rows (ratios of sums; NaN where
-  there is no such row).
-* ``teacher_top1``: the teacher's top-1 on the training batches, ``t[y] == max t`` (a gather
-  beside the op's row maxima, not a pass over the logits); for ``loss.kind=kd`` an argmax.
+* ``w_reg``, ``w_rest``: the mean w on them and on the other rows (ratios of sums).
+* ``teacher_train_top1``: the teacher's top-1 on the (augmented) training batches: rows with
+  ``t[y] == max t``, a tie at the maximum counting as a hit. For WSLD a gather beside the op's
+  row maxima, not a pass over the logits; for ``loss.kind=kd`` (no row maxima) one max pass.
 
-Nothing here reads a value on the host: `step_counts` queues a handful of N-element ops.
+A value with no rows behind it (``w_reg`` when no row is a regularization sample, anything of an
+interval with no steps) is None, as ``top1`` is in an epoch that was not evaluated. Nothing here
+reads a value on the host: `step_counts` queues a handful of N-element ops.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ __all__ = [
 ]
 
 # What `summarize` returns (at most), in a record's order.
-FIELDS = ("w_mean", "w_p10", "w_p50", "w_p90", "reg_frac", "w_reg", "w_rest", "teacher_top1")
+FIELDS = ("w_mean", "w_p10", "w_p50", "w_p90", "reg_frac", "w_reg", "w_rest", "teacher_train_top1")
 # The objective's logged terms carry the step's count vector under this name (fastkd.engine).
 COUNTS = "diagnostics"
 BINS = 100  # histogram bins of w on [0, 1]: quantiles exact to 1 / BINS
@@ -60,14 +62,14 @@ def step_counts(teacher_logits: Tensor, labels: Tensor, rows: WSLDRows | None = 
     """One step's count vector (float32, on the logits' device), to be summed over steps.
 
     ``rows``: the WSLD loss's per-row values; without them (Hinton KD) only the teacher's hits
-    are counted, with an argmax over ``teacher_logits``.
+    are counted, with a max over ``teacher_logits``.
     """
     labels = labels.long()
+    label_logit = teacher_logits.gather(1, labels.unsqueeze(1)).squeeze(1)
     if rows is None:
-        hits = (teacher_logits.argmax(dim=1) == labels).sum().float()
+        hits = (label_logit >= teacher_logits.amax(dim=1)).sum().float()
         return torch.stack([_filled(labels.shape[0], hits), hits])
     w = rows.weight.float()
-    label_logit = teacher_logits.gather(1, labels.unsqueeze(1)).squeeze(1)
     hits = (label_logit.to(rows.teacher_max.dtype) >= rows.teacher_max).sum()
     reg = w < REG_THRESHOLD
     edges = torch.arange(1, BINS + 1, device=w.device, dtype=w.dtype) / BINS
@@ -90,12 +92,12 @@ def _filled(value: float, like: Tensor) -> Tensor:
     return torch.full((), value, dtype=torch.float32, device=like.device)
 
 
-def histogram_quantile(below: Sequence[float], q: float) -> float:
+def histogram_quantile(below: Sequence[float], q: float) -> float | None:
     """The ``q`` quantile of values in [0, 1] from their cumulative histogram ``below``
-    (``below[k]`` = how many are < (k + 1) / len(below)), linear within a bin; NaN if empty."""
+    (``below[k]`` = how many are < (k + 1) / len(below)), linear within a bin; None if empty."""
     total = below[-1]
     if total <= 0:
-        return math.nan
+        return None
     target = q * total
     previous = 0.0
     for k, count in enumerate(below):
@@ -105,16 +107,17 @@ def histogram_quantile(below: Sequence[float], q: float) -> float:
     return 1.0
 
 
-def _ratio(numerator: float, denominator: float) -> float:
-    return numerator / denominator if denominator > 0 else math.nan
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator > 0 else None
 
 
-def summarize(counts: Sequence[float]) -> dict[str, float]:
-    """The diagnostics of a sum of `step_counts` vectors (see the module docstring)."""
-    if len(counts) < _TEACHER_ONLY:
+def summarize(counts: Sequence[float]) -> dict[str, float | None]:
+    """The diagnostics of a sum of `step_counts` vectors (see the module docstring); empty when
+    the vectors count no row (or there are none)."""
+    if len(counts) < _TEACHER_ONLY or counts[_ROWS] <= 0:
         return {}
     rows = counts[_ROWS]
-    result = {"teacher_top1": _ratio(counts[_TEACHER], rows)}
+    result = {"teacher_train_top1": _ratio(counts[_TEACHER], rows)}
     if len(counts) == _TEACHER_ONLY:
         return result
     reg, w_reg, w_all = counts[_REG], counts[_W_REG], counts[_W_ALL]
@@ -131,11 +134,12 @@ def summarize(counts: Sequence[float]) -> dict[str, float]:
     return result
 
 
-def describe(summary: dict[str, float]) -> str:
+def describe(summary: dict[str, float | None]) -> str:
     """The compact progress-line form of `summarize`'s result ('' when empty)."""
 
-    def f(key: str, spec: str = ".2f") -> str:  # a ratio of no rows reads "-", not "nan"
-        return "-" if math.isnan(summary[key]) else format(summary[key], spec)
+    def f(key: str, spec: str = ".2f") -> str:  # a value of no rows reads "-"
+        value = summary[key]
+        return "-" if value is None or math.isnan(value) else format(value, spec)
 
     parts = []
     if "w_mean" in summary:
@@ -143,6 +147,6 @@ def describe(summary: dict[str, float]) -> str:
             f"w {f('w_mean')} (p10/50/90 {f('w_p10')}/{f('w_p50')}/{f('w_p90')}) "
             f"reg {f('reg_frac', '.0%')} (w {f('w_reg')} vs {f('w_rest')})"
         )
-    if "teacher_top1" in summary:
-        parts.append(f"teacher top-1 {f('teacher_top1', '.0%')}")
+    if "teacher_train_top1" in summary:
+        parts.append(f"teacher top-1 {f('teacher_train_top1', '.0%')}")
     return ", ".join(parts)

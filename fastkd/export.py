@@ -15,7 +15,9 @@ are compared with the PyTorch model's (for ONNX when ``onnxruntime`` is installe
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -27,11 +29,17 @@ from torch import nn
 
 from fastkd.config import load_config
 from fastkd.errors import ModelError, UserError
-from fastkd.models import classifier_out_features, create_model, load_weights, read_state_dict
+from fastkd.models import (
+    classifier_out_features,
+    create_model,
+    load_state_dict_checked,
+    read_state_dict,
+)
 
 FORMATS = {"torchscript": ".torchscript.pt", "pt2": ".pt2", "onnx": ".onnx"}
 ONNX_HINT = 'pip install onnx onnxscript (or pip install -e ".[export]")'
 CHECK_ROWS = 3  # the check batch differs from the traced one (2): the batch is dynamic
+CHECK_RTOL = 1e-3  # of the largest logit: far above float32 reordering, far below a wrong graph
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,8 @@ class Student:
 
 def load_student(run_dir: Path, weights: str | None) -> Student:
     """The run's student (``weights``: a file, default RUN_DIR/student.pt) in eval mode."""
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such folder; pass a run folder (the run's run.dir)")
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir}: no config.yaml (is it a fastkd run folder, run.dir?)")
     cfg = load_config(run_dir / "config.yaml")
@@ -63,11 +73,13 @@ def load_student(run_dir: Path, weights: str | None) -> Student:
             "or best.pt for a run that has not finished)"
         )
     arch = cfg.student.arch
-    found = classifier_out_features(read_state_dict(path), create_model(arch, 1))
+    state_dict = read_state_dict(path)  # any layout fastkd.weights knows, read once
+    source = f"{path} (student.arch={arch} in {run_dir / 'config.yaml'})"
+    found = classifier_out_features(state_dict, create_model(arch, 1))
     if found is None:
-        raise ModelError(f"{path}: no classifier weights for {arch} (student.arch) in the file")
+        raise ModelError(f"{source}: the file has no classifier weights for {arch}")
     model = create_model(arch, found[1])
-    load_weights(model, str(path), arch=arch, num_classes=found[1], role="student")
+    load_state_dict_checked(model, state_dict, source, found[1])
     data = cfg.data
     return Student(model.eval(), arch, found[1], data.image_size, list(data.mean), list(data.std))
 
@@ -96,9 +108,28 @@ def export_pt2(student: Student, out: Path, example: torch.Tensor) -> str:
 
 
 def _compared(how: str, exported: Callable[[torch.Tensor], torch.Tensor], student: Student) -> str:
+    """Compare the exported model's logits with the PyTorch model's; raise if they differ."""
     check = _check_batch(student)
     with torch.no_grad():
-        diff = (exported(check) - student.model(check)).abs().max().item()
+        want = student.model(check)
+        try:
+            got = torch.as_tensor(exported(check))
+        except Exception as exc:  # noqa: BLE001 - whatever the runtime raises, say where
+            raise ModelError(
+                f"the exported model failed on a batch of {CHECK_ROWS}: {exc}"
+            ) from None
+    if got.shape != want.shape:
+        raise ModelError(
+            f"the exported model gives logits of shape {tuple(got.shape)} on a batch of "
+            f"{CHECK_ROWS}, the model {tuple(want.shape)}; the file was written but is unusable"
+        )
+    diff = (got - want).abs().max().item()
+    tolerance = CHECK_RTOL * max(1.0, want.abs().max().item())
+    if not diff <= tolerance:  # NaN fails too
+        raise ModelError(
+            f"the exported model's logits differ from the model's by up to {diff:.3g} (more than "
+            f"{tolerance:.3g}) on a batch of {CHECK_ROWS}; the file was written but is not right"
+        )
     return f"{how}: max |logit diff| {diff:.2g} on a batch of {CHECK_ROWS}"
 
 
@@ -144,14 +175,25 @@ def _metadata(student: Student) -> dict[str, object]:
 def export(run_dir: str | Path, fmt: str = "torchscript", *, weights: str | None = None,
            out: str | Path | None = None) -> tuple[Path, str]:  # fmt: skip
     """Export the run's student; returns (the file written, a line saying what it is)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {sorted(FORMATS)}, got {fmt!r}")
     run_dir = Path(run_dir)
     student = load_student(run_dir, weights)
     path = Path(out) if out else run_dir / f"student{FORMATS[fmt]}"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise UserError(
+            f"--out {path} is a folder; give the file to write, e.g. {path / 'student'}{FORMATS[fmt]}"
+        )
     example = torch.randn(2, 3, student.image_size, student.image_size)
     exporter = {"torchscript": export_torchscript, "pt2": export_pt2, "onnx": export_onnx}[fmt]
-    with torch.no_grad():
-        checked = exporter(student, path, example)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK):  # torch's writers fail with a C++ traceback
+            raise PermissionError(errno.EACCES, "the folder is not writable")
+        with torch.no_grad():
+            checked = exporter(student, path, example)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path, f"wrote {path} ({fmt}: {student.describe()}); {checked}"
 
 

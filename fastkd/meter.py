@@ -17,7 +17,7 @@ record is the one the uninterrupted run writes.
 
 Distillation diagnostics (`fastkd.diagnostics`) arrive as a count vector among the terms; the
 meter sums it on the device, reads it with the log line's values, and reports it per interval
-(a step record's ``w_*``, ``reg_*``, ``teacher_top1`` cover the steps since the previous step
+(a step record's ``w_*``, ``reg_*``, ``teacher_train_top1`` cover the steps since the previous step
 record, where its loss terms are the epoch's running means) and per epoch (over every rank).
 """
 
@@ -94,8 +94,12 @@ class TrainMeter:
         compiled: bool,
         flops_per_image: float | None = None,
         peak_flops: float | None = None,
+        diagnostics: bool = True,
     ) -> None:
+        """``diagnostics``: whether this run's steps carry `fastkd.diagnostics` counts
+        (train.diagnostics); without, counts restored from a checkpoint are dropped."""
         self.metrics = metrics
+        self.diagnostics = diagnostics
         self.optimizer = optimizer  # its learning rate is read at log intervals
         self.device, self.world_size = dist.device, dist.world_size
         self.log_every, self.compiled = log_every, compiled
@@ -130,9 +134,10 @@ class TrainMeter:
             self._term_sums = {k: v.to(self.device) for k, v in resume["term_sums"].items()}
             self._correct = resume["correct"].to(self.device)
             self._steps_done, self._images_seen = resume["steps_done"], resume["images_seen"]
-            if resume.get("counts") is not None:  # absent in checkpoints before diagnostics
+            # Absent in checkpoints from before diagnostics; dropped when they are now off.
+            if resume.get("counts") is not None and self.diagnostics:
                 self._counts = resume["counts"].to(self.device)
-                self._counts_read = resume["counts"].tolist()  # a CPU tensor: no device read
+                self._counts_read = resume.get("counts_read")  # where the last log line was
         self._recent: list[tuple[int, int, dict[str, torch.Tensor]]] = []
         self._timed_images, self._timed_s = 0, 0.0  # steady-state steps only
         self._epoch_start = time.perf_counter()
@@ -146,6 +151,7 @@ class TrainMeter:
             "steps_done": self._steps_done,
             "images_seen": self._images_seen,
             "counts": None if self._counts is None else self._counts.detach().cpu().clone(),
+            "counts_read": self._counts_read,  # so the next step record is the same interval
         }
 
     @contextlib.contextmanager
@@ -235,7 +241,7 @@ class TrainMeter:
         means = torch.stack([v.reshape(()).double() for v in sums.values()]) / self._steps_done
         head = means if self._counts is None else torch.cat([means, self._counts])
         values = self._read(head)
-        record = self._counted(dict(zip(sums, values, strict=False)), self._steps_done)
+        record = self._counted(dict(zip(sums, values[: len(sums)], strict=True)), self._steps_done)
         record.update(self._diagnostics(values[len(sums) :]))
         interval = self._interval
         elapsed = max(1e-9, time.perf_counter() - interval.start)
@@ -288,7 +294,8 @@ class TrainMeter:
             f"{k} {v:.4f}"
             for k, v in record.items()
             if k not in ("loss", "skipped_steps") and k not in summary
-            and not (k == "wsld_weight" and "w_mean" in summary)  # the same mean, twice
+            # wsld_weight: the epoch's running mean of w, next to the interval's w_mean
+            and not (k == "wsld_weight" and "w_mean" in summary)
         )  # fmt: skip
         if summary:
             terms_text += "; " + diagnostics.describe(summary)

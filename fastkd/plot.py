@@ -25,7 +25,7 @@ from fastkd.logging import read_metrics
 
 INSTALL_HINT = 'fastkd.plot needs matplotlib: pip install -e ".[plot]"'
 LOSS_TERMS = ("loss", "ce", "kd", "wsld")
-WSLD_FIELDS = ("wsld_weight", "teacher_top1")
+WSLD_FIELDS = ("wsld_weight", "teacher_train_top1")
 WSLD_PREFIXES = ("w_", "reg_")
 # The diagnostics' panels: (title, y label, curves as (key, legend suffix, line style)).
 WSLD_PANELS = (
@@ -35,7 +35,7 @@ WSLD_PANELS = (
     ("regularization samples (CE_s < CE_t)", "fraction of rows", (("reg_frac", "", "-"),)),
     ("mean w: regularization samples vs the rest", "w",
      (("w_reg", " reg. samples", "-"), ("w_rest", " rest", "--"))),
-    ("teacher top-1 on the training batches", "fraction", (("teacher_top1", "", "-"),)),
+    ("teacher top-1 on the training batches", "fraction", (("teacher_train_top1", "", "-"),)),
     ("wsld_weight (mean w, epoch so far)", "w", (("wsld_weight", "", "-"),)),
 )  # fmt: skip
 # Step fields with a figure of their own (or none: counters and bookkeeping).
@@ -148,8 +148,11 @@ def figure_specs(runs: list[Series]) -> dict[str, list[Panel]]:
         if _present(runs, key):
             specs[name] = [Panel(ylabel, ylabel, [("steps", key, "", "-")], log_y=log_y)]
     wsld, other = _extra_fields(runs)
-    if "wsld_weight" in wsld and all(  # the same mean as w_mean (epoch so far): one is enough
-        _present([s], "w_mean") for s in runs if _present([s], "wsld_weight")
+    if (
+        "wsld_weight" in wsld
+        and all(  # w_mean per interval says it: wsld_weight is its running epoch mean
+            _present([s], "w_mean") for s in runs if _present([s], "wsld_weight")
+        )
     ):
         wsld.remove("wsld_weight")
     panels = []

@@ -8,8 +8,6 @@ teacher's top-1 by argmax, quantiles by sorting.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -40,7 +38,16 @@ DEVICES = [
         ],
     ),
 ]
-SUMMARY_KEYS = {"teacher_top1", "w_mean", "w_p10", "w_p50", "w_p90", "reg_frac", "w_reg", "w_rest"}
+SUMMARY_KEYS = {
+    "teacher_train_top1",
+    "w_mean",
+    "w_p10",
+    "w_p50",
+    "w_p90",
+    "reg_frac",
+    "w_reg",
+    "w_rest",
+}
 
 
 def make_batch(rows: int, classes: int, seed: int, device: str = "cpu"):
@@ -82,7 +89,7 @@ def assert_matches_direct(summary: dict[str, float], student, teacher, labels) -
     assert 0 < int(reg.sum()) < len(reg) and 0 < int(hits.sum()) < len(hits)  # both kinds occur
     assert summary.keys() == SUMMARY_KEYS
     assert summary["reg_frac"] == float(reg.double().mean())
-    assert summary["teacher_top1"] == float(hits.double().mean())
+    assert summary["teacher_train_top1"] == float(hits.double().mean())
     assert summary["w_mean"] == pytest.approx(float(w.mean()), rel=1e-5)
     assert summary["w_reg"] == pytest.approx(float(w[reg].mean()), rel=1e-5)
     assert summary["w_rest"] == pytest.approx(float(w[~reg].mean()), rel=1e-5)
@@ -145,29 +152,42 @@ def test_histogram_quantiles_edges_and_empty_sets():
     assert diagnostics.histogram_quantile(below, 0.0) == 0.0
     assert 0.5 <= diagnostics.histogram_quantile(below, 0.5) <= 0.51  # the 4th of 8 is 0.5
     assert diagnostics.histogram_quantile(below, 1.0) == pytest.approx(1.0, abs=0.01)
-    assert math.isnan(diagnostics.histogram_quantile([0.0] * 100, 0.5))
+    assert diagnostics.histogram_quantile([0.0] * 100, 0.5) is None
     summary = diagnostics.summarize(counts.tolist())
     assert summary["reg_frac"] == 4 / 8  # 0, 0, 0.25 and 0.5 are below 1 - 1/e = 0.632
     assert summary["reg_frac"] == float((w < diagnostics.REG_THRESHOLD).double().mean())
-    assert summary["teacher_top1"] == 1.0  # ties with the max count as hits
+    assert summary["teacher_train_top1"] == 1.0  # ties with the max count as hits
+    assert diagnostics.summarize([0.0] * len(counts)) == {}  # no rows: nothing to say
+    assert diagnostics.summarize([]) == {}
 
-    empty = diagnostics.summarize([0.0] * len(counts))
-    assert all(math.isnan(v) for v in empty.values())
-    assert "-" in diagnostics.describe(empty) and "nan" not in diagnostics.describe(empty)
+    # No regularization sample: their mean w is None (JSON null), shown as "-".
+    high = torch.tensor([0.7, 0.9])
+    counts = diagnostics.step_counts(teacher[:2], torch.zeros(2, dtype=torch.long),
+                                     WSLDRows(high, rows[:2], rows[:2], rows[:2]))  # fmt: skip
+    summary = diagnostics.summarize(counts.tolist())
+    assert summary["reg_frac"] == 0.0 and summary["w_reg"] is None
+    assert summary["w_rest"] == pytest.approx(0.8)
+    line = diagnostics.describe(summary)
+    assert "reg 0% (w - vs 0.80)" in line and "None" not in line and "nan" not in line
 
 
 def test_hinton_kd_counts_only_the_teacher_and_ce_has_no_diagnostics():
     student, teacher, labels = make_batch(64, 10, seed=3)
-    for kind, keys in (("kd", {"teacher_top1"}), ("ce", set()), ("wsld", SUMMARY_KEYS)):
+    teacher[0], labels[0] = (
+        0.0,
+        3,
+    )  # all ten tie: argmax says class 0, yet a tie at the max is a hit
+    hits = direct(student, teacher, labels)[3]
+    assert not hits[0]
+    expected = (1 + float(hits[1:].sum())) / 64  # the same rule for KD as for WSLD
+    for kind, keys in (("kd", {"teacher_train_top1"}), ("ce", set()), ("wsld", SUMMARY_KEYS)):
         objective = build_objective(LossConfig(kind=kind), diagnostics_on=True)
         _, terms = objective(student, teacher, labels)
         counts = terms.get(diagnostics.COUNTS)
         summary = diagnostics.summarize(counts.tolist()) if counts is not None else {}
         assert summary.keys() == keys, kind
         if keys:
-            assert summary["teacher_top1"] == float(
-                direct(student, teacher, labels)[3].double().mean()
-            )
+            assert summary["teacher_train_top1"] == expected, kind
         off = build_objective(LossConfig(kind=kind), diagnostics_on=False)
         assert diagnostics.COUNTS not in off(student, teacher, labels)[1]
 
@@ -185,7 +205,7 @@ class Clock:
         return self.now
 
 
-def make_meter(run_dir, world_size: int = 1) -> TrainMeter:
+def make_meter(run_dir, world_size: int = 1, diagnostics: bool = True) -> TrainMeter:
     parameter = torch.nn.Parameter(torch.zeros(1))
     meter = TrainMeter(
         MetricsWriter(run_dir),
@@ -193,6 +213,7 @@ def make_meter(run_dir, world_size: int = 1) -> TrainMeter:
         dist=DistInfo(rank=0, world_size=world_size, local_rank=0, device=CPU),
         log_every=2,
         compiled=False,
+        diagnostics=diagnostics,
     )
     meter.compile_time_s = 0.0  # no warm-up step to report
     return meter
@@ -231,7 +252,8 @@ def test_step_records_cover_their_interval_and_the_epoch_record_the_epoch(
     assert " reg " in line and "teacher top-1" in line and "p10/50/90" in line
     assert "wsld_weight" not in line  # w's mean is shown once
 
-    # Resumed after step 3: the epoch record is the uninterrupted one, bit for bit.
+    # Resumed after step 3: the epoch record is the uninterrupted one, bit for bit, and so is
+    # the next step record (its interval began at the step-2 record, before the checkpoint).
     resumed = make_meter(tmp_path / "resumed")
     resumed.start_epoch(1, 1, 5, start=3, resume=saved)
     for i in (3, 4):
@@ -239,7 +261,35 @@ def test_step_records_cover_their_interval_and_the_epoch_record_the_epoch(
     again = resumed.end_epoch()
     assert {k: again[k] for k in SUMMARY_KEYS} == {k: epoch[k] for k in SUMMARY_KEYS}
     (first,) = [r for r in read_metrics(tmp_path / "resumed") if r["step"] == 4]
-    assert_matches_direct({k: first[k] for k in SUMMARY_KEYS}, *batches[3])  # since the resume
+    assert {k: first[k] for k in SUMMARY_KEYS} == {k: steps[1][k] for k in SUMMARY_KEYS}
+
+    # Resumed with train.diagnostics=false: the saved counts are dropped, no record has any.
+    off = make_meter(tmp_path / "off", diagnostics=False)
+    off.start_epoch(1, 1, 5, start=3, resume=saved)
+    for i in (3, 4):
+        _, terms = build_objective(LossConfig(kind="wsld"))(*batches[i])
+        off.update(terms, batches[i][0], batches[i][2], global_step=i + 1)
+    assert not SUMMARY_KEYS & off.end_epoch().keys()
+    assert all(not SUMMARY_KEYS & r.keys() for r in read_metrics(tmp_path / "off"))
+
+
+def test_the_epoch_record_sums_every_ranks_rows(tmp_path, monkeypatch):
+    """Under torchrun the epoch's counts join the meter's one all-reduce: with a second rank's
+    sums added there, the epoch record covers both ranks' rows."""
+    mine, theirs = make_batch(80, 12, seed=50), make_batch(48, 12, seed=51)
+    other = make_meter(tmp_path / "rank1", world_size=2)
+    other.start_epoch(1, 1, 1)
+    feed(other, Clock(), theirs, 1)
+    sent = []
+    monkeypatch.setattr(meter_module, "all_reduce_sum", lambda t: sent.append(t.clone()) or t)
+    other.end_epoch()
+    monkeypatch.setattr(meter_module, "all_reduce_sum", lambda t: t.add_(sent[0]))
+    meter = make_meter(tmp_path / "rank0", world_size=2)
+    meter.start_epoch(1, 1, 1)
+    feed(meter, Clock(), mine, 1)
+    epoch = meter.end_epoch()
+    both = [torch.cat(parts) for parts in zip(mine, theirs, strict=True)]
+    assert_matches_direct({k: epoch[k] for k in SUMMARY_KEYS}, *both)
 
 
 def test_a_checkpoint_from_before_diagnostics_resumes_with_them_from_the_resume(tmp_path):

@@ -98,18 +98,44 @@ def test_onnx_without_its_packages_is_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "student.onnx").exists()
 
 
+def test_an_export_that_gives_other_logits_is_an_error(tmp_path, monkeypatch, capsys):
+    """The check after writing fails the export (exit status 2, one line) when the file's
+    logits are not the model's: here the traced model is one with another classifier bias."""
+    fake_run(tmp_path)
+    real_trace = torch.jit.trace
+
+    def wrong_trace(model, example):
+        other = torchvision.models.resnet18(num_classes=CLASSES).eval()
+        other.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            other.fc.bias += 0.5
+        return real_trace(other, example)
+
+    monkeypatch.setattr(torch.jit, "trace", wrong_trace)
+    assert export_main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "differ from the model's by up to 0.5" in err, err
+
+
 def test_what_cannot_be_exported_is_one_line_naming_it(tmp_path, capsys):
     fake_run(tmp_path / "run")
     (tmp_path / "run" / "student.pt").rename(tmp_path / "run" / "elsewhere.pt")
+    elsewhere = str(tmp_path / "run" / "elsewhere.pt")
     cases = [
+        ([str(tmp_path / "missing")], "no such folder"),
         ([str(tmp_path)], "no config.yaml"),  # not a run folder
         ([str(tmp_path / "run")], "--weights"),  # no student.pt: says how to pick another file
         ([str(tmp_path / "run"), "--weights", str(tmp_path / "nope.pt")], "nope.pt"),
+        ([str(tmp_path / "run"), "--weights", elsewhere, "--out", str(tmp_path)], "is a folder"),
     ]
     other = tmp_path / "other"
     fake_run(other, arch="mobilenet_v3_small")
     torch.save(torchvision.models.resnet18(num_classes=CLASSES).state_dict(), other / "r18.pt")
     cases.append(([str(other), "--weights", str(other / "r18.pt")], "r18.pt"))  # another arch
+    deeper = tmp_path / "deeper"  # the same family, another depth: missing keys, named
+    fake_run(deeper, arch="resnet34")
+    torch.save(torchvision.models.resnet18(num_classes=CLASSES).state_dict(), deeper / "r18.pt")
+    cases.append(([str(deeper), "--weights", str(deeper / "r18.pt")], "student.arch=resnet34"))
     for argv, fragment in cases:
         assert export_main(argv) == 2, argv
         err = capsys.readouterr().err

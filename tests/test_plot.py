@@ -38,7 +38,7 @@ def fake_run(run_dir: Path, kind: str, *, epochs: int = 3, steps: int = 4) -> Pa
                 terms.update(wsld=0.5 / g, wsld_weight=0.3 + 0.01 * g, reg_extra=0.1 * g)
                 terms.update(  # fastkd.diagnostics' fields
                     w_mean=0.6, w_p10=0.2 + 0.01 * g, w_p50=0.6, w_p90=0.9, reg_frac=0.4,
-                    w_reg=0.3, w_rest=0.8, teacher_top1=0.5 + 0.01 * g,
+                    w_reg=0.3, w_rest=0.8, teacher_train_top1=0.5 + 0.01 * g,
                 )  # fmt: skip
             writer.write(
                 "step",
@@ -99,7 +99,7 @@ def test_every_figure_of_a_resumed_wsld_run(tmp_path, capsys):
     assert [r["epoch"] for r in series.epochs] == [1, 2, 3]
     specs = figure_specs([series])
     assert [p.title for p in specs["loss"]] == ["train loss", "train ce", "train wsld"]
-    titles = [p.title for p in specs["wsld"]]  # wsld_weight, the same mean as w_mean: left out
+    titles = [p.title for p in specs["wsld"]]  # wsld_weight (w_mean's running epoch mean): left out
     assert titles == [panel[0] for panel in WSLD_PANELS[:-1]] + ["reg_extra"]
     older = fake_run(tmp_path / "older", "wsld")  # a run from before the diagnostics
     lines = (older / "metrics.jsonl").read_text().splitlines()

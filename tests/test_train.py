@@ -118,7 +118,7 @@ def test_training_writes_the_run_folder(tiny_imagefolder, tmp_path):
     # train.diagnostics (default on): per interval in step records, per epoch in epoch records.
     for r in steps + epochs:
         assert 0.0 <= r["w_p10"] <= r["w_p50"] <= r["w_p90"] <= 1.0, r
-        assert 0.0 <= r["reg_frac"] <= 1.0 and 0.0 <= r["teacher_top1"] <= 1.0, r
+        assert 0.0 <= r["reg_frac"] <= 1.0 and 0.0 <= r["teacher_train_top1"] <= 1.0, r
         assert 0.0 <= r["w_mean"] <= 1.0, r
     for r in epochs:  # the epoch's mean w is the running mean of the loss term wsld_weight
         assert r["w_mean"] == pytest.approx(r["wsld_weight"], rel=1e-5)

@@ -166,7 +166,7 @@ def wsld_reference(
     """
     return _reference_terms(
         student_logits, teacher_logits, labels, tau=tau, loss_weight=loss_weight,
-        ce_weight=ce_weight,
+        ce_weight=ce_weight, with_rows=False,
     )[0]  # fmt: skip
 
 
@@ -178,8 +178,9 @@ def _reference_terms(
     tau: float,
     loss_weight: float,
     ce_weight: float,
-) -> tuple[LossTerms, WSLDRows]:
-    """`wsld_reference`'s terms and the per-row values behind them."""
+    with_rows: bool,
+) -> tuple[LossTerms, WSLDRows | None]:
+    """`wsld_reference`'s terms and (``with_rows``) the per-row values behind them."""
     ops.check_inputs(student_logits, teacher_logits, labels, tau)
     _check_label_values(labels, student_logits.shape[1])
     dtype = ops.accumulate_dtype(student_logits, teacher_logits)
@@ -203,8 +204,9 @@ def _reference_terms(
     # No 0 * ce term when ce_weight is 0: it would turn an infinite CE (a -inf logit) into NaN.
     total = ce * ce_weight + wsld if ce_weight != 0 else wsld
     terms = LossTerms(total, ce.detach(), wsld.detach(), weight.sum().detach() * inv_rows)
-    rows = WSLDRows(weight, ce_student.detach(), soft_ce.detach(), teacher.amax(dim=1))
-    return terms, rows
+    if not with_rows:  # the teacher's row maxima would be one more pass over its logits
+        return terms, None
+    return terms, WSLDRows(weight, ce_student.detach(), soft_ce.detach(), teacher.amax(dim=1))
 
 
 def wsld_loss(
@@ -249,9 +251,9 @@ def wsld_ce_loss(
     With the fused op this is one kernel pass per direction for both terms, which share the
     student's log-sum-exp. ``impl`` as in ``wsld_loss``.
     """
-    return wsld_ce_terms(
+    return _ce_terms(
         student_logits, teacher_logits, labels, tau=tau, loss_weight=loss_weight,
-        ce_weight=ce_weight, impl=impl,
+        ce_weight=ce_weight, impl=impl, with_rows=False,
     )[0]  # fmt: skip
 
 
@@ -266,7 +268,27 @@ def wsld_ce_terms(
     impl: Impl = "auto",
 ) -> tuple[LossTerms, WSLDRows]:
     """`wsld_ce_loss`'s terms and the per-row values behind them (`WSLDRows`: w_i, CE_s_i, ce_i,
-    max_c t_ic), for diagnostics; the fused op returns the rows with no extra pass."""
+    max_c t_ic), for diagnostics. The fused op has them already; the reference computes the
+    teacher's row maxima on top (one more pass over its logits)."""
+    terms, rows = _ce_terms(
+        student_logits, teacher_logits, labels, tau=tau, loss_weight=loss_weight,
+        ce_weight=ce_weight, impl=impl, with_rows=True,
+    )  # fmt: skip
+    assert rows is not None
+    return terms, rows
+
+
+def _ce_terms(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    tau: float,
+    loss_weight: float,
+    ce_weight: float,
+    impl: Impl,
+    with_rows: bool,
+) -> tuple[LossTerms, WSLDRows | None]:
     if _use_fused(impl, student_logits):
         # The op's autograd formula (C++) gives total its gradient; row_stats also feeds backward.
         *terms, stats = torch.ops.fastkd.wsld_ce.default(
@@ -282,7 +304,7 @@ def wsld_ce_terms(
         return LossTerms(*terms), rows
     return _reference_terms(
         student_logits, teacher_logits, labels, tau=tau, loss_weight=loss_weight,
-        ce_weight=ce_weight,
+        ce_weight=ce_weight, with_rows=with_rows,
     )  # fmt: skip
 
 
