@@ -17,9 +17,9 @@ line, and `summarize` turns a sum of vectors (an interval, an epoch, every rank)
   ``t[y] == max t``, a tie at the maximum counting as a hit. For WSLD a gather beside the op's
   row maxima, not a pass over the logits; for ``loss.kind=kd`` (no row maxima) one max pass.
 
-A value with no rows behind it (``w_reg`` when no row is a regularization sample, anything of an
-interval with no steps) is None, as ``top1`` is in an epoch that was not evaluated. Nothing here
-reads a value on the host: `step_counts` queues a handful of N-element ops.
+A ratio with no rows behind it (``w_reg`` when no row is a regularization sample) is None, as
+``top1`` is in an epoch that was not evaluated; counts of no rows at all give no diagnostics.
+Nothing here reads a value on the host: `step_counts` queues a handful of N-element ops.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ __all__ = [
     "summarize",
 ]
 
-# What `summarize` returns (at most), in a record's order.
+# The fields `summarize` can return.
 FIELDS = ("w_mean", "w_p10", "w_p50", "w_p90", "reg_frac", "w_reg", "w_rest", "teacher_train_top1")
 # The objective's logged terms carry the step's count vector under this name (fastkd.engine).
 COUNTS = "diagnostics"
