@@ -34,15 +34,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_train import COMPILE_MODES, DEFAULT, make_config, parse_variant  # noqa: E402
+from bench_train import COMPILE_MODES, DEFAULT, fixed_batch, make_config, parse_variant  # noqa: E402
 from common import format_table, run_cli, write_json  # noqa: E402
 
-from fastkd.builders import batch_dtype, build_models, build_train_state, seed_everything  # noqa: E402
+from fastkd.builders import build_models, build_train_state, seed_everything  # noqa: E402
 from fastkd.distributed import DistInfo, resolve_device  # noqa: E402
 from fastkd.engine import TrainState, build_objective, resolve_precision, train_step  # noqa: E402
 from fastkd.logging import MetricsWriter  # noqa: E402
 from fastkd.meter import sync  # noqa: E402
-from fastkd.models import memory_format  # noqa: E402
 
 SIDES = ("on", "off")
 
@@ -138,15 +137,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     states = build_states(args, device)
     cfg = make_config(args, args.variant)
     precision = resolve_precision(cfg.train.amp, device)
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
-    images = images.to(
-        device=device,
-        dtype=batch_dtype(cfg, device, precision),
-        memory_format=memory_format(cfg.train.channels_last),
-    )
-    labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=generator)
-    labels = labels.to(device)
+    images, labels = fixed_batch(args, cfg, device, precision, args.num_classes)
     for side in SIDES:  # compile, the meter's warm-up step, then a few untimed steps
         run_block(states[side], images, labels, 1 + args.warmup)
     blocks = {

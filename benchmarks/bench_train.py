@@ -112,6 +112,22 @@ def make_config(args: argparse.Namespace, variant: str, root: str = "/unused") -
     )
 
 
+def fixed_batch(
+    args: argparse.Namespace, cfg: Any, device: torch.device, precision: Any, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One seeded random batch on ``device``, in the dtype and memory format the variant's
+    loader would hand over: the device-resident batch every timed step re-uses."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
+    images = images.to(
+        device=device,
+        dtype=batch_dtype(cfg, device, precision),
+        memory_format=memory_format(cfg.train.channels_last),
+    )
+    labels = torch.randint(0, num_classes, (args.batch_size,), generator=generator).to(device)
+    return images, labels
+
+
 def bench_variant(
     args: argparse.Namespace, variant: str, device: torch.device, num_classes: int
 ) -> dict[str, Any]:
@@ -129,14 +145,7 @@ def bench_variant(
             steps_per_epoch=10_000,
             metrics=MetricsWriter(tmp, enabled=False),
         )
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
-    images = images.to(
-        device=device,
-        dtype=batch_dtype(cfg, device, precision),
-        memory_format=memory_format(cfg.train.channels_last),
-    )
-    labels = torch.randint(0, num_classes, (args.batch_size,), generator=generator).to(device)
+    images, labels = fixed_batch(args, cfg, device, precision, num_classes)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

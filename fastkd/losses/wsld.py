@@ -251,10 +251,20 @@ def wsld_ce_loss(
     With the fused op this is one kernel pass per direction for both terms, which share the
     student's log-sum-exp. ``impl`` as in ``wsld_loss``.
     """
-    return _ce_terms(
-        student_logits, teacher_logits, labels, tau=tau, loss_weight=loss_weight,
-        ce_weight=ce_weight, impl=impl, with_rows=False,
-    )[0]  # fmt: skip
+    if _use_fused(impl, student_logits):
+        # The op's autograd formula (C++) gives total its gradient; row_stats is for backward.
+        *terms, _ = torch.ops.fastkd.wsld_ce.default(
+            student_logits, teacher_logits, labels, float(tau), float(loss_weight), float(ce_weight)
+        )
+        return LossTerms(*terms)
+    return wsld_reference(
+        student_logits,
+        teacher_logits,
+        labels,
+        tau=tau,
+        loss_weight=loss_weight,
+        ce_weight=ce_weight,
+    )
 
 
 def wsld_ce_terms(
@@ -268,44 +278,26 @@ def wsld_ce_terms(
     impl: Impl = "auto",
 ) -> tuple[LossTerms, WSLDRows]:
     """`wsld_ce_loss`'s terms and the per-row values behind them (`WSLDRows`: w_i, CE_s_i, ce_i,
-    max_c t_ic), for diagnostics. The fused op has them already; the reference computes the
-    teacher's row maxima on top (one more pass over its logits)."""
-    terms, rows = _ce_terms(
-        student_logits, teacher_logits, labels, tau=tau, loss_weight=loss_weight,
-        ce_weight=ce_weight, impl=impl, with_rows=True,
-    )  # fmt: skip
-    assert rows is not None
-    return terms, rows
-
-
-def _ce_terms(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    labels: Tensor,
-    *,
-    tau: float,
-    loss_weight: float,
-    ce_weight: float,
-    impl: Impl,
-    with_rows: bool,
-) -> tuple[LossTerms, WSLDRows | None]:
-    if _use_fused(impl, student_logits):
-        # The op's autograd formula (C++) gives total its gradient; row_stats also feeds backward.
-        *terms, stats = torch.ops.fastkd.wsld_ce.default(
-            student_logits, teacher_logits, labels, float(tau), float(loss_weight), float(ce_weight)
-        )
-        stats = stats.detach()
-        rows = WSLDRows(
-            stats[:, ops.STATS_WEIGHT],
-            stats[:, ops.STATS_STUDENT_CE],
-            stats[:, ops.STATS_SOFT_CE],
-            stats[:, ops.STATS_TEACHER_MAX],
-        )
-        return LossTerms(*terms), rows
-    return _reference_terms(
-        student_logits, teacher_logits, labels, tau=tau, loss_weight=loss_weight,
-        ce_weight=ce_weight, with_rows=with_rows,
-    )  # fmt: skip
+    max_c t_ic), for diagnostics. The fused op has them already (its ``row_stats``); the
+    reference computes the teacher's row maxima on top (one more pass over its logits)."""
+    if not _use_fused(impl, student_logits):
+        terms, rows = _reference_terms(
+            student_logits, teacher_logits, labels, tau=tau, loss_weight=loss_weight,
+            ce_weight=ce_weight, with_rows=True,
+        )  # fmt: skip
+        assert rows is not None
+        return terms, rows
+    *terms, stats = torch.ops.fastkd.wsld_ce.default(
+        student_logits, teacher_logits, labels, float(tau), float(loss_weight), float(ce_weight)
+    )
+    stats = stats.detach()
+    rows = WSLDRows(
+        stats[:, ops.STATS_WEIGHT],
+        stats[:, ops.STATS_STUDENT_CE],
+        stats[:, ops.STATS_SOFT_CE],
+        stats[:, ops.STATS_TEACHER_MAX],
+    )
+    return LossTerms(*terms), rows
 
 
 class WSLDLoss(nn.Module):
